@@ -1,0 +1,52 @@
+# coil: make demo | make test | make lint | make bench | make build
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/coil/v1/*.proto)
+
+.PHONY: build deps gen gen-check lint test test-unit demo demo-down bench install-cni clean
+
+build: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+deps:
+	scripts/deps.sh
+
+# Regenerate the committed Python stubs from proto/ (see docs/design.md).
+gen: $(STAMP)
+	scripts/gen.sh
+
+# CI: the committed stubs must match proto/.
+gen-check: $(STAMP)
+	scripts/gen.sh --check
+
+lint: $(STAMP) gen-check
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy services clients
+	$(VENV)/bin/buf lint
+
+test: $(STAMP) deps
+	$(VENV)/bin/pytest -q
+
+test-unit: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not root"
+
+demo: $(STAMP) deps
+	$(PY) -m tests.harness.demo
+
+demo-down: $(STAMP)
+	$(PY) -m tests.harness.demo --down
+
+bench: $(STAMP) deps
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,38 @@
+"""Domain errors of the allocator.
+
+Every error that leaves this package is a `CoilError`; each subclass maps to one gRPC status code
+(the mapping lives in `coil_allocator.servicer`). Messages name the operation and quote the input,
+for example ``pool create "Bad_Name": not a valid namespace name``.
+"""
+
+
+class CoilError(Exception):
+    """Base class of the allocator's domain errors."""
+
+
+class InvalidArgument(CoilError):
+    """The request is malformed: a field is missing, out of range or not parseable."""
+
+
+class NotFound(CoilError):
+    """A named pool, node, block or address does not exist."""
+
+
+class AlreadyExists(CoilError):
+    """A pool of that name exists, or a subnet overlaps a subnet of some pool."""
+
+
+class FailedPrecondition(CoilError):
+    """The current state forbids the change (pool in use, block not held, block not empty)."""
+
+
+class PoolExhausted(CoilError):
+    """The pool has no free block (or address) of the requested family."""
+
+
+class Conflict(CoilError):
+    """The change lost a compare-and-swap race more times than the retry bound allows."""
+
+
+class Unavailable(CoilError):
+    """The store (etcd) cannot be reached or did not answer in time."""
