@@ -1,0 +1,423 @@
+"""Pool, subnet and block arithmetic, and the address chooser of one block.
+
+Pure logic: no etcd, gRPC or netlink. A pool's subnet is cut into aligned blocks of ``2**bits``
+addresses; the allocator hands whole blocks to nodes and the node agent hands out single addresses
+of its blocks with `BlockAddresses`.
+
+Functions that can reject their input take an ``op`` argument (``"pool create"``,
+``"pool add-subnet"``, ...) and raise the domain errors of `coil_allocator.errors` with messages
+that start with it and quote the input, e.g. ``pool create "Bad_Name": not a valid namespace
+name``. Arguments that only a caller bug can get wrong (a block size that was not validated with
+`validate_block_size`) raise ``ValueError`` instead.
+"""
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from typing import TypeAlias
+
+from coil_allocator.errors import AlreadyExists, InvalidArgument, PoolExhausted
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MAX_POOL_NAME_LENGTH = 63
+MAX_BLOCK_BITS = 16
+"""Largest block: 2**16 addresses, so that a block's records and `BlockAddresses` stay bounded."""
+
+_DNS1123_RULE = (
+    "DNS-1123 label: 1-63 characters of lowercase a-z, 0-9 and '-', "
+    "starting and ending with a letter or digit"
+)
+_POOL_NAME_CHARS = re.compile(r"[a-z0-9-]*")
+_CIDR = re.compile(r"(?P<address>[^/]+)/(?P<prefixlen>[0-9]{1,3})")
+
+
+def validate_pool_name(name: str, op: str) -> str:
+    """Return ``name`` if it is a valid Kubernetes namespace name (a DNS-1123 label).
+
+    Raises:
+        InvalidArgument: ``name`` is empty, longer than 63 characters, contains anything but
+            lowercase a-z, 0-9 and '-', or starts or ends with '-'.
+    """
+    if not name:
+        reason = "empty"
+    elif len(name) > MAX_POOL_NAME_LENGTH:
+        reason = f"{len(name)} characters, more than {MAX_POOL_NAME_LENGTH}"
+    elif not _POOL_NAME_CHARS.fullmatch(name):
+        bad = next(c for c in name if not _POOL_NAME_CHARS.fullmatch(c))
+        reason = f"character {bad!r} is not allowed"
+    elif name.startswith("-") or name.endswith("-"):
+        reason = "starts or ends with '-'"
+    else:
+        return name
+    raise InvalidArgument(f'{op} "{name}": not a valid namespace name: {reason} ({_DNS1123_RULE})')
+
+
+def parse_subnet(text: str, op: str) -> Network:
+    """Parse a CIDR such as ``"10.0.0.0/16"`` or ``"fd00::/48"`` strictly.
+
+    The prefix length must be written in decimal (no netmask form) and the address must be the
+    network address. ``str()`` of the result is the canonical form (IPv6 compressed, lowercase).
+
+    Raises:
+        InvalidArgument: ``text`` is not a CIDR, lacks the prefix length, has a prefix length out
+            of range for its family, or has host bits set (the message suggests the network
+            address).
+    """
+    match = _CIDR.fullmatch(text)
+    if match is None:
+        if "/" not in text and _is_address(text):
+            raise InvalidArgument(
+                f'{op} "{text}": missing prefix length (expected a CIDR like "{text}/<length>")'
+            )
+        raise InvalidArgument(
+            f'{op} "{text}": not a CIDR (expected an address and a prefix length, '
+            'like "10.0.0.0/16" or "fd00::/48")'
+        )
+    address_text = match["address"]
+    if not _is_address(address_text):
+        raise InvalidArgument(f'{op} "{text}": "{address_text}" is not an IPv4 or IPv6 address')
+    address = ipaddress.ip_address(address_text)
+    prefixlen = int(match["prefixlen"])
+    if prefixlen > address.max_prefixlen:
+        raise InvalidArgument(
+            f'{op} "{text}": prefix length {prefixlen} is out of range for '
+            f"IPv{address.version} (0-{address.max_prefixlen})"
+        )
+    network = ipaddress.ip_network((address, prefixlen), strict=False)
+    if network.network_address != address:
+        raise InvalidArgument(
+            f'{op} "{text}": not a network address (host bits set); did you mean "{network}"?'
+        )
+    return network
+
+
+def _is_address(text: str) -> bool:
+    # A scope id ("fe80::1%eth0") names an interface; it has no place in a pool's subnet.
+    if "%" in text:
+        return False
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_bits(subnet: Network) -> int:
+    """Return the number of host bits of ``subnet`` (32 or 128 minus its prefix length)."""
+    return subnet.max_prefixlen - subnet.prefixlen
+
+
+def validate_block_size(subnet: Network, bits: int, op: str) -> None:
+    """Check that blocks of ``2**bits`` addresses can be cut from ``subnet``.
+
+    ``bits`` must lie in ``0..min(16, host bits of subnet)``: blocks hold at most 2**16 addresses
+    (`MAX_BLOCK_BITS`) and at most the whole subnet. ``bits == 0`` means one-address blocks.
+
+    Raises:
+        InvalidArgument: ``bits`` is negative, larger than 16, or larger than the subnet's host
+            bits.
+    """
+    if bits < 0:
+        raise InvalidArgument(f"{op}: block size bits {bits} is negative (a block is 2^bits)")
+    if bits > MAX_BLOCK_BITS:
+        raise InvalidArgument(
+            f"{op}: block size 2^{bits} is too large; at most 2^{MAX_BLOCK_BITS} "
+            f"(bits at most {MAX_BLOCK_BITS})"
+        )
+    if bits > host_bits(subnet):
+        raise InvalidArgument(
+            f'{op}: block size 2^{bits} is larger than subnet "{subnet}" '
+            f"(2^{host_bits(subnet)} addresses)"
+        )
+
+
+def block_count(subnet: Network, bits: int) -> int:
+    """Return how many blocks of ``2**bits`` addresses ``subnet`` holds.
+
+    Raises:
+        ValueError: ``bits`` is negative or larger than the subnet's host bits (a caller bug:
+            validate with `validate_block_size` first).
+    """
+    _check_bits(subnet, bits)
+    return 2 ** (host_bits(subnet) - bits)
+
+
+def block_at(subnet: Network, bits: int, index: int, op: str) -> Network:
+    """Return the ``index``-th (0-based) block of ``2**bits`` addresses of ``subnet``.
+
+    Raises:
+        InvalidArgument: ``index`` is not in ``0..block_count(subnet, bits) - 1``.
+        ValueError: ``bits`` is out of range for ``subnet`` (see `block_count`).
+    """
+    count = block_count(subnet, bits)
+    if not 0 <= index < count:
+        raise InvalidArgument(
+            f'{op} "{subnet}": block index {index} is out of range (0-{count - 1} '
+            f"for blocks of 2^{bits})"
+        )
+    start = int(subnet.network_address) + (index << bits)
+    return _network(subnet, start, subnet.max_prefixlen - bits)
+
+
+def block_index(subnet: Network, bits: int, block: Network, op: str) -> int:
+    """Return the index of ``block`` among the blocks of ``2**bits`` addresses of ``subnet``.
+
+    The inverse of `block_at`.
+
+    Raises:
+        InvalidArgument: ``block`` is of another family, not of size ``2**bits``, or not within
+            ``subnet`` (an aligned block within it is all it can be, since it is a network).
+        ValueError: ``bits`` is out of range for ``subnet`` (see `block_count`).
+    """
+    _check_bits(subnet, bits)
+    if block.version != subnet.version or not _within(block, subnet):
+        raise InvalidArgument(f'{op} "{block}": not within subnet "{subnet}"')
+    if block.prefixlen != subnet.max_prefixlen - bits:
+        raise InvalidArgument(
+            f'{op} "{block}": not a block of subnet "{subnet}" '
+            f"(blocks are /{subnet.max_prefixlen - bits})"
+        )
+    return (int(block.network_address) - int(subnet.network_address)) >> bits
+
+
+def block_of(subnet: Network, bits: int, address: Address, op: str) -> Network:
+    """Return the block of ``2**bits`` addresses of ``subnet`` that contains ``address``.
+
+    Raises:
+        InvalidArgument: ``address`` is not in ``subnet`` (including another family).
+        ValueError: ``bits`` is out of range for ``subnet`` (see `block_count`).
+    """
+    _check_bits(subnet, bits)
+    if not _contains(subnet, address):
+        raise InvalidArgument(f'{op} "{address}": not in subnet "{subnet}"')
+    start = int(address) >> bits << bits
+    return _network(subnet, start, subnet.max_prefixlen - bits)
+
+
+def block_key(block: Network) -> str:
+    """Return the etcd-key-safe id of ``block``: ``"10.0.0.32_27"``, ``"fd00::20_123"``."""
+    return str(block).replace("/", "_")
+
+
+def parse_block_key(key: str, op: str) -> Network:
+    """Return the block whose `block_key` is ``key``.
+
+    Only canonical keys are accepted, so that one block has exactly one key.
+
+    Raises:
+        InvalidArgument: ``key`` is not the `block_key` of any network.
+    """
+    try:
+        block = parse_subnet(key.replace("_", "/", 1), op)
+    except InvalidArgument:
+        block = None
+    if block is None or block_key(block) != key:
+        raise InvalidArgument(
+            f'{op} "{key}": not a block id (expected an address, "_" and a prefix length, '
+            'like "10.0.0.32_27")'
+        )
+    return block
+
+
+def overlapping(a: Network, b: Network) -> bool:
+    """Return whether ``a`` and ``b`` share an address; networks of different families never do."""
+    return (
+        a.version == b.version
+        and int(a.network_address) <= int(b.broadcast_address)
+        and int(b.network_address) <= int(a.broadcast_address)
+    )
+
+
+def find_overlap(
+    new: Network, existing: Iterable[tuple[str, Network]]
+) -> tuple[str, Network] | None:
+    """Return the first ``(pool name, subnet)`` of ``existing`` that overlaps ``new``, or None."""
+    for name, subnet in existing:
+        if overlapping(new, subnet):
+            return name, subnet
+    return None
+
+
+def family_of(net_or_addr: Network | Address) -> int:
+    """Return the IP family of a network or address: 4 or 6."""
+    return net_or_addr.version
+
+
+def _check_bits(subnet: Network, bits: int) -> None:
+    if not 0 <= bits <= host_bits(subnet):
+        raise ValueError(f"block size bits {bits} out of range for subnet {subnet}")
+
+
+def _network(like: Network, start: int, prefixlen: int) -> Network:
+    # ip_network() guesses the family from the integer; a low IPv6 address would come out IPv4.
+    if isinstance(like, ipaddress.IPv4Network):
+        return ipaddress.IPv4Network((start, prefixlen))
+    return ipaddress.IPv6Network((start, prefixlen))
+
+
+def _contains(network: Network, address: Address) -> bool:
+    return network.version == address.version and int(network.network_address) <= int(
+        address
+    ) <= int(network.broadcast_address)
+
+
+def _within(inner: Network, outer: Network) -> bool:
+    return int(outer.network_address) <= int(inner.network_address) and int(
+        inner.broadcast_address
+    ) <= int(outer.broadcast_address)
+
+
+class BlockAddresses:
+    """The addresses of one block in use on a node, and the choice of the next one.
+
+    Addresses are handed out round robin: a cursor follows the most recently handed-out address
+    and `allocate` returns the first free address after it, wrapping around at the end of the
+    block. So a released address is handed out again only after the cursor has gone once round
+    the block: every address that is free when it is released and lies between the cursor and it
+    goes first (right after ``release(allocate())`` that is every other free address).
+
+    Reserved addresses are never handed out and do not count in `capacity`; reserved addresses
+    outside the block are ignored, so callers may pass the pool subnet's network and broadcast
+    addresses for every block.
+
+    Each `allocate` scans from the cursor and stops at the first free address, so it costs the
+    length of the run of used addresses after the cursor, not the size of the block.
+    """
+
+    def __init__(
+        self,
+        block: Network,
+        used: Iterable[Address] = (),
+        last: Address | None = None,
+        reserved: Iterable[Address] = (),
+    ) -> None:
+        """Build the chooser from the block's current state.
+
+        ``last`` is the most recently handed-out address (the cursor; see `last`), None to start
+        at the block's first address.
+
+        Raises:
+            InvalidArgument: a used address or ``last`` is outside the block, or a used address
+                is reserved.
+            ValueError: ``block`` holds more than 2**16 addresses.
+        """
+        if host_bits(block) > MAX_BLOCK_BITS:
+            raise ValueError(f"block {block} is larger than 2^{MAX_BLOCK_BITS} addresses")
+        self._block = block
+        self._size = block.num_addresses
+        self._reserved = frozenset(
+            self._offset(address) for address in reserved if _contains(block, address)
+        )
+        self._used: set[int] = set()
+        for address in used:
+            offset = self._checked_offset(address, "used address")
+            if offset in self._reserved:
+                raise InvalidArgument(f'block {block}: used address "{address}" is reserved')
+            self._used.add(offset)
+        self._last: int | None = None
+        if last is not None:
+            self._last = self._checked_offset(last, "last address")
+
+    @property
+    def block(self) -> Network:
+        """The block whose addresses this chooser hands out."""
+        return self._block
+
+    @property
+    def last(self) -> Address | None:
+        """The most recently allocated address (the cursor), None if none yet.
+
+        Pass it back to the constructor to resume the round robin where it stopped.
+        """
+        return None if self._last is None else self._address(self._last)
+
+    @property
+    def capacity(self) -> int:
+        """How many addresses can be in use at once: the block's size minus reserved addresses."""
+        return self._size - len(self._reserved)
+
+    @property
+    def used_count(self) -> int:
+        """How many addresses are in use."""
+        return len(self._used)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether no address is in use."""
+        return not self._used
+
+    @property
+    def is_full(self) -> bool:
+        """Whether every address but the reserved ones is in use."""
+        return len(self._used) == self.capacity
+
+    def __contains__(self, address: object) -> bool:
+        """Return whether ``address`` is in use (False for anything outside the block)."""
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        return _contains(self._block, address) and self._offset(address) in self._used
+
+    def used(self) -> list[Address]:
+        """Return the addresses in use, lowest first."""
+        return [self._address(offset) for offset in sorted(self._used)]
+
+    def allocate(self) -> Address:
+        """Mark the next free address after the cursor as used, move the cursor to it, return it.
+
+        Raises:
+            PoolExhausted: every address but the reserved ones is in use.
+        """
+        if self.is_full:
+            raise PoolExhausted(
+                f"block {self._block}: no free address ({self.used_count} in use, "
+                f"{len(self._reserved)} reserved)"
+            )
+        offset = 0 if self._last is None else (self._last + 1) % self._size
+        while offset in self._used or offset in self._reserved:
+            offset = (offset + 1) % self._size
+        self._used.add(offset)
+        self._last = offset
+        return self._address(offset)
+
+    def take(self, address: Address) -> None:
+        """Mark a specific ``address`` as used (a static request).
+
+        The cursor does not move: moving it could land just before an address released a moment
+        ago and hand that out next.
+
+        Raises:
+            InvalidArgument: ``address`` is outside the block or reserved.
+            AlreadyExists: ``address`` is already in use.
+        """
+        offset = self._checked_offset(address, "address")
+        if offset in self._reserved:
+            raise InvalidArgument(f'block {self._block}: address "{address}" is reserved')
+        if offset in self._used:
+            raise AlreadyExists(f'block {self._block}: address "{address}" is already in use')
+        self._used.add(offset)
+
+    def release(self, address: Address) -> bool:
+        """Mark ``address`` as free; return whether it was in use (False if outside the block).
+
+        The cursor does not move, so the address is not handed out again at once.
+        """
+        if not _contains(self._block, address):
+            return False
+        offset = self._offset(address)
+        if offset not in self._used:
+            return False
+        self._used.remove(offset)
+        return True
+
+    def _offset(self, address: Address) -> int:
+        return int(address) - int(self._block.network_address)
+
+    def _address(self, offset: int) -> Address:
+        return self._block.network_address + offset
+
+    def _checked_offset(self, address: Address, what: str) -> int:
+        if not _contains(self._block, address):
+            raise InvalidArgument(f'block {self._block}: {what} "{address}" is outside the block')
+        return self._offset(address)
