@@ -9,6 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from coil_allocator.allocator import Allocator
+from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+from coil_allocator.servicer import serve
 from tests.harness.etcd import EtcdServer, start_etcd
 
 
@@ -34,3 +37,34 @@ def etcd_server() -> Iterator[EtcdServer]:
 def etcd_prefix() -> str:
     """A key prefix no other test uses, so tests share one etcd without seeing each other."""
     return f"/coil-test-{uuid.uuid4().hex[:10]}/"
+
+
+@pytest.fixture
+def store(etcd_server: EtcdServer) -> Iterator[EtcdStore]:
+    s = EtcdStore(EtcdConfig((etcd_server.endpoint,)))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def allocator(store: EtcdStore, etcd_prefix: str) -> Allocator:
+    return Allocator(store, etcd_prefix)
+
+
+def snapshot(store: EtcdStore, prefix: str) -> dict[str, bytes]:
+    """Every key and value under `prefix`: compare two to prove a failed request changed nothing."""
+    kvs, _ = store.range(prefix)
+    return {kv.key: kv.value for kv in kvs}
+
+
+@pytest.fixture
+def allocator_addr(allocator: Allocator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running allocator gRPC server (in-process, on a UNIX socket) over this test's prefix."""
+    path = tmp_path_factory.mktemp("alloc") / "allocator.sock"
+    server, _ = serve(allocator, f"unix:{path}")
+    try:
+        yield f"unix:{path}"
+    finally:
+        server.stop(grace=None)

@@ -1,0 +1,821 @@
+"""The allocator: pools, block claims and allocation records, each change one etcd transaction.
+
+Every state change is a single transaction guarded by compares on exactly the keys it depends on
+(see docs/design.md). When a compare is lost to a concurrent writer the change is retried here,
+and only here, after re-reading what changed, a bounded number of times with jittered backoff;
+then `Conflict` is raised. Store unavailability (`Unavailable`) is never retried here: a
+transaction whose reply was lost may have committed, so the caller decides.
+
+All public methods raise the domain errors of `coil_allocator.errors`:
+`InvalidArgument`, `NotFound`, `AlreadyExists`, `FailedPrecondition`, `PoolExhausted`, `Conflict`,
+`Unavailable`, as their docstrings say.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from coil_allocator.blocks import (
+    Address,
+    Network,
+    block_at,
+    block_count,
+    block_key,
+    block_of,
+    find_overlap,
+    parse_block_key,
+    parse_subnet,
+    validate_block_size,
+    validate_pool_name,
+)
+from coil_allocator.errors import (
+    AlreadyExists,
+    CoilError,
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PoolExhausted,
+)
+from coil_allocator.keys import (
+    Keys,
+    decode_pool,
+    decode_record,
+    encode_pool,
+    encode_record,
+    parse_record_path,
+    record_ref,
+)
+from coil_allocator.model import (
+    AddressInfo,
+    AllocationRecord,
+    Family,
+    HeldBlock,
+    Pool,
+    PoolUsage,
+    RecordOutcome,
+    RecordRequest,
+    RecordResult,
+    ReleaseOutcome,
+    ReleaseRequest,
+    ReleaseResult,
+    SubnetBlocks,
+    parse_address,
+    validate_node_name,
+)
+from coil_allocator.store import (
+    Compare,
+    Delete,
+    Get,
+    KeyValue,
+    Op,
+    Put,
+    Store,
+    absent,
+    none_changed_since,
+    none_with_prefix,
+    unchanged,
+    value_is,
+)
+
+MAX_ATTEMPTS = 8
+"""How often a change is tried when it keeps losing compares to concurrent writers."""
+
+RECORDS_PER_TXN = 40
+"""Records per transaction: 2 compares, 2 puts and 3 failure reads each stay under etcd's
+default limit of 128 operations per transaction."""
+
+RELEASES_PER_TXN = 60
+MAX_BATCH = 1000
+
+
+class AllocatorEvents(Protocol):
+    """What the allocator reports to metrics (see coil_allocator.metrics)."""
+
+    def retried(self, operation: str) -> None: ...
+
+    def claimed(self, pool: str, retries: int) -> None: ...
+
+
+class _NoEvents:
+    def retried(self, operation: str) -> None:
+        pass
+
+    def claimed(self, pool: str, retries: int) -> None:
+        pass
+
+
+def _first(result: list[KeyValue] | int | None) -> KeyValue | None:
+    if isinstance(result, list) and result:
+        return result[0]
+    return None
+
+
+class Allocator:
+    """Pools, blocks and records over a `Store`. Thread-safe; replicas may run side by side."""
+
+    def __init__(
+        self,
+        store: Store,
+        prefix: str = "/coil/",
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        events: AllocatorEvents | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.store = store
+        self.keys = Keys(prefix)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._events = events or _NoEvents()
+        self._sleep = sleep
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _backoff(self, attempt: int, operation: str) -> None:
+        self._events.retried(operation)
+        self._sleep(self._rng.uniform(0, min(0.05, 0.002 * 2**attempt)))
+
+    def _load_pool(self, name: str, op: str) -> tuple[Pool, KeyValue]:
+        kv = self.store.get(self.keys.pool(name))
+        if kv is None:
+            raise NotFound(f'{op} "{name}": no such pool')
+        return decode_pool(name, kv.value), kv
+
+    def _pools(self, revision: int = 0) -> tuple[dict[str, Pool], int]:
+        kvs, rev = self.store.range(self.keys.pools, revision=revision)
+        pools = {}
+        for kv in kvs:
+            name = self.keys.strip(kv.key, self.keys.pools)
+            pools[name] = decode_pool(name, kv.value)
+        return pools, rev
+
+    def _locate(self, pools: Iterable[Pool], address: Address) -> tuple[Pool, Network] | None:
+        for pool in pools:
+            subnet = pool.subnet_of(address)
+            if subnet is not None:
+                return pool, block_of(subnet, pool.block_bits, address, "locate")
+        return None
+
+    # -- pools ------------------------------------------------------------------------------
+
+    def create_pool(self, name: str, subnets: Sequence[str], block_bits: int) -> Pool:
+        """Create a pool.
+
+        Raises InvalidArgument (bad name, subnet or block size; no subnet), AlreadyExists (name
+        taken, or a subnet overlaps any pool's subnet or another given subnet), Conflict.
+        """
+        op = "pool create"
+        validate_pool_name(name, op)
+        if not subnets:
+            raise InvalidArgument(f'{op} "{name}": at least one subnet is required')
+        if block_bits < 0:
+            raise InvalidArgument(f'{op} "{name}": block size {block_bits} is negative')
+        parsed: list[Network] = []
+        for text in subnets:
+            subnet = parse_subnet(text, op)
+            validate_block_size(subnet, block_bits, op)
+            clash = find_overlap(subnet, [(name, s) for s in parsed])
+            if clash:
+                raise InvalidArgument(f'{op} "{name}": subnets "{clash[1]}" and "{subnet}" overlap')
+            parsed.append(subnet)
+        pool = Pool(name, tuple(parsed), block_bits)
+        for attempt in range(MAX_ATTEMPTS):
+            pools, rev = self._pools()
+            if name in pools:
+                raise AlreadyExists(f'{op} "{name}": a pool of that name exists')
+            self._check_overlap(op, name, parsed, pools)
+            result = self.store.txn(
+                [absent(self.keys.pool(name)), none_changed_since(self.keys.pools, rev)],
+                [Put(self.keys.pool(name), encode_pool(pool))],
+            )
+            if result.succeeded:
+                return pool
+            self._backoff(attempt, "pool create")
+        raise Conflict(f'{op} "{name}": pools kept changing; try again')
+
+    def _check_overlap(
+        self, op: str, name: str, subnets: Iterable[Network], pools: dict[str, Pool]
+    ) -> None:
+        existing = [(p.name, s) for p in pools.values() for s in p.subnets]
+        for subnet in subnets:
+            clash = find_overlap(subnet, existing)
+            if clash:
+                raise AlreadyExists(
+                    f'{op} "{name}": subnet "{subnet}" overlaps subnet "{clash[1]}" '
+                    f'of pool "{clash[0]}"'
+                )
+
+    def add_subnet(self, name: str, subnet_text: str) -> Pool:
+        """Add a subnet to a pool. Raises InvalidArgument, NotFound, AlreadyExists, Conflict."""
+        op = "pool add-subnet"
+        validate_pool_name(name, op)
+        subnet = parse_subnet(subnet_text, op)
+        for attempt in range(MAX_ATTEMPTS):
+            pools, rev = self._pools()
+            pool = pools.get(name)
+            if pool is None:
+                raise NotFound(f'{op} "{name}": no such pool')
+            validate_block_size(subnet, pool.block_bits, op)
+            self._check_overlap(op, name, [subnet], pools)
+            updated = Pool(name, (*pool.subnets, subnet), pool.block_bits)
+            result = self.store.txn(
+                [none_changed_since(self.keys.pools, rev)],
+                [Put(self.keys.pool(name), encode_pool(updated))],
+                [Get(self.keys.pool(name))],
+            )
+            if result.succeeded:
+                return updated
+            if _first(result.responses[0]) is None:
+                raise NotFound(f'{op} "{name}": no such pool (deleted meanwhile)')
+            self._backoff(attempt, "pool add-subnet")
+        raise Conflict(f'{op} "{name}": pools kept changing; try again')
+
+    def list_pools(self) -> list[Pool]:
+        """Every pool, sorted by name."""
+        pools, _ = self._pools()
+        return [pools[n] for n in sorted(pools)]
+
+    def get_pool(self, name: str, subnet_text: str = "") -> tuple[Pool, list[SubnetBlocks]]:
+        """A pool with the held blocks of each subnet (or of the one given).
+
+        Raises InvalidArgument, NotFound (no such pool, or the subnet is not one of its).
+        """
+        op = "pool show"
+        validate_pool_name(name, op)
+        pool, kv = self._load_pool(name, op)
+        subnets = pool.subnets
+        if subnet_text:
+            wanted = parse_subnet(subnet_text, op)
+            if wanted not in pool.subnets:
+                raise NotFound(f'{op} "{name}": subnet "{wanted}" is not one of the pool\'s')
+            subnets = (wanted,)
+        blocks, rev = self.store.range(self.keys.blocks(name))
+        records, _ = self.store.range(self.keys.pool_records(name), keys_only=True, revision=rev)
+        used = Counter(
+            self.keys.strip(r.key, self.keys.pool_records(name)).split("/", 1)[0] for r in records
+        )
+        by_subnet: dict[Network, list[HeldBlock]] = defaultdict(list)
+        for b in blocks:
+            block_id = self.keys.strip(b.key, self.keys.blocks(name))
+            cidr = parse_block_key(block_id, "stored block")
+            subnet = pool.subnet_of(cidr)
+            if subnet is None:
+                continue
+            by_subnet[subnet].append(
+                HeldBlock(name, cidr, b.value.decode(), b.create_revision, 0, used[block_id])
+            )
+        return pool, [
+            SubnetBlocks(
+                s,
+                block_count(s, pool.block_bits),
+                tuple(sorted(by_subnet[s], key=lambda h: int(h.cidr.network_address))),
+            )
+            for s in subnets
+        ]
+
+    def delete_pool(self, name: str) -> None:
+        """Delete a pool that has no held block.
+
+        Raises InvalidArgument, NotFound, FailedPrecondition (blocks held), Conflict.
+        """
+        op = "pool delete"
+        validate_pool_name(name, op)
+        for attempt in range(MAX_ATTEMPTS):
+            _, kv = self._load_pool(name, op)
+            result = self.store.txn(
+                [unchanged(kv.key, kv.mod_revision), none_with_prefix(self.keys.blocks(name))],
+                [Delete(kv.key)],
+                [Get(self.keys.blocks(name), prefix=True)],
+            )
+            if result.succeeded:
+                return
+            held = result.responses[0]
+            if isinstance(held, list) and held:
+                nodes = sorted({h.value.decode() for h in held})
+                shown = ", ".join(nodes[:5]) + (", ..." if len(nodes) > 5 else "")
+                raise FailedPrecondition(
+                    f'{op} "{name}": {len(held)} block(s) are held (by node {shown}); '
+                    "release them first"
+                )
+            self._backoff(attempt, "pool delete")
+        raise Conflict(f'{op} "{name}": the pool kept changing; try again')
+
+    # -- blocks -----------------------------------------------------------------------------
+
+    def claim_block(
+        self, node: str, pool_name: str, family: Family | None = None
+    ) -> tuple[HeldBlock, int]:
+        """Claim a free block of a pool for a node; return it and how many races it lost.
+
+        The block is chosen at random among the free ones, so that nodes claiming at the same
+        time rarely want the same block; the transaction compares only that block's key (and
+        the pool's revision), so claims of different blocks never conflict.
+
+        Raises InvalidArgument (bad node or pool name, family absent from the pool), NotFound
+        (no such pool), PoolExhausted (no free block of the family), Conflict.
+        """
+        op = "block claim"
+        validate_node_name(node, op)
+        validate_pool_name(pool_name, op)
+        pool, pool_kv = self._load_pool(pool_name, op)
+        fam = family or (pool.families() or (Family.IPV4,))[0]
+        held_kvs, _ = self.store.range(self.keys.blocks(pool_name), keys_only=True)
+        held = {self.keys.strip(kv.key, self.keys.blocks(pool_name)) for kv in held_kvs}
+        for attempt in range(MAX_ATTEMPTS):
+            subnets = pool.subnets_of(fam)
+            if not subnets:
+                raise InvalidArgument(f'{op} "{pool_name}": the pool has no IPv{int(fam)} subnet')
+            block = self._pick_free(pool, subnets, held)
+            if block is None:
+                raise PoolExhausted(
+                    f'{op} "{pool_name}": pool exhausted: no free IPv{int(fam)} block '
+                    f"(all {sum(block_count(s, pool.block_bits) for s in subnets)} are held)"
+                )
+            now = self._now()
+            block_key_ = self.keys.block(pool_name, block)
+            result = self.store.txn(
+                [unchanged(pool_kv.key, pool_kv.mod_revision), absent(block_key_)],
+                [
+                    Put(block_key_, node.encode()),
+                    Put(
+                        self.keys.node_block(node, pool_name, block),
+                        json.dumps({"claimed_at": now}).encode(),
+                    ),
+                ],
+                [Get(pool_kv.key)],
+            )
+            if result.succeeded:
+                self._events.claimed(pool_name, attempt)
+                return HeldBlock(pool_name, block, node, result.revision, now, 0), attempt
+            current = _first(result.responses[0])
+            if current is None:
+                raise NotFound(f'{op} "{pool_name}": no such pool (deleted meanwhile)')
+            if current.mod_revision != pool_kv.mod_revision:
+                pool, pool_kv = decode_pool(pool_name, current.value), current
+            else:
+                held.add(block_key(block))
+            self._backoff(attempt, "block claim")
+        raise Conflict(f'{op} "{pool_name}": lost {MAX_ATTEMPTS} races for free blocks; try again')
+
+    def _pick_free(self, pool: Pool, subnets: Sequence[Network], held: set[str]) -> Network | None:
+        counts = [block_count(s, pool.block_bits) for s in subnets]
+        total = sum(counts)
+        held_here = sum(1 for h in held if (":" in h) == (subnets[0].version == 6))
+        if held_here >= total:
+            return None
+        start = self._rng.randrange(total)
+        # Probe forward from a random block; at most len(held) + 1 steps find a free one.
+        for step in range(min(total, held_here + 1)):
+            block = self._block_by_index(pool, subnets, counts, (start + step) % total)
+            if block_key(block) not in held:
+                return block
+        return None
+
+    @staticmethod
+    def _block_by_index(
+        pool: Pool, subnets: Sequence[Network], counts: Sequence[int], index: int
+    ) -> Network:
+        for subnet, count in zip(subnets, counts, strict=True):
+            if index < count:
+                return block_at(subnet, pool.block_bits, index, "block claim")
+            index -= count
+        raise ValueError(f"block index {index} beyond the pool's subnets")
+
+    def release_block(self, node: str, pool_name: str, block_text: str) -> None:
+        """Give back an empty block held by `node`.
+
+        Raises InvalidArgument, FailedPrecondition (held by another node, not held, or addresses
+        still recorded in it), Conflict.
+        """
+        op = "block release"
+        validate_node_name(node, op)
+        validate_pool_name(pool_name, op)
+        block = parse_block_key(block_text.replace("/", "_", 1), op)
+        key = self.keys.block(pool_name, block)
+        records = self.keys.records(pool_name, block)
+        result = self.store.txn(
+            [value_is(key, node.encode()), none_with_prefix(records)],
+            [Delete(key), Delete(self.keys.node_block(node, pool_name, block))],
+            [Get(key), Get(records, prefix=True, keys_only=True)],
+        )
+        if result.succeeded:
+            return
+        holder = _first(result.responses[0])
+        if holder is None:
+            raise FailedPrecondition(f'{op} "{block}": not held by any node')
+        if holder.value.decode() != node:
+            raise FailedPrecondition(
+                f'{op} "{block}": held by node "{holder.value.decode()}", not "{node}"'
+            )
+        used = result.responses[1]
+        count = len(used) if isinstance(used, list) else 0
+        raise FailedPrecondition(f'{op} "{block}": {count} address(es) are still recorded in it')
+
+    def node_blocks(
+        self, node: str, with_records: bool = False
+    ) -> tuple[list[HeldBlock], list[AllocationRecord], int]:
+        """The blocks a node holds (and their records), read at one revision."""
+        op = "node blocks"
+        validate_node_name(node, op)
+        prefix = self.keys.node_blocks(node)
+        index, rev = self.store.range(prefix)
+        blocks: list[HeldBlock] = []
+        records: list[AllocationRecord] = []
+        for kv in index:
+            pool, block_id = self.keys.strip(kv.key, prefix).split("/", 1)
+            cidr = parse_block_key(block_id, "stored block")
+            recs, _ = self.store.range(
+                self.keys.records(pool, cidr), keys_only=not with_records, revision=rev
+            )
+            claimed_at = int(json.loads(kv.value).get("claimed_at", 0))
+            blocks.append(HeldBlock(pool, cidr, node, kv.create_revision, claimed_at, len(recs)))
+            if with_records:
+                for r in recs:
+                    address = parse_address(r.key.rsplit("/", 1)[1], "stored record")
+                    records.append(decode_record(pool, cidr, address, r.value))
+        blocks.sort(key=lambda b: (b.pool, b.cidr.version, int(b.cidr.network_address)))
+        records.sort(key=lambda r: (r.created_at, int(r.address)))
+        return blocks, records, rev
+
+    def release_node(self, node: str) -> tuple[list[HeldBlock], int]:
+        """Give back every block and record of a node that is gone.
+
+        Returns the blocks released and the number of records removed. Raises InvalidArgument,
+        NotFound (the node holds nothing), Conflict.
+        """
+        op = "node release"
+        validate_node_name(node, op)
+        blocks, records, _ = self.node_blocks(node, with_records=True)
+        if not blocks:
+            raise NotFound(f'{op} "{node}": the node holds no block')
+        removed = 0
+        by_block: dict[tuple[str, Network], list[AllocationRecord]] = defaultdict(list)
+        for r in records:
+            by_block[(r.pool, r.block)].append(r)
+        for block in blocks:
+            block_key_ = self.keys.block(block.pool, block.cidr)
+            mine = value_is(block_key_, node.encode())
+            recs = by_block[(block.pool, block.cidr)]
+            for i in range(0, len(recs), RELEASES_PER_TXN):
+                chunk = recs[i : i + RELEASES_PER_TXN]
+                ops: list[Op] = []
+                for r in chunk:
+                    ops.append(Delete(self.keys.record(r.pool, r.block, r.address)))
+                    ops.append(
+                        Delete(
+                            self.keys.attachment(
+                                r.owner.container_id, r.owner.interface, r.address.version
+                            )
+                        )
+                    )
+                if self.store.txn([mine], ops).succeeded:
+                    removed += len(chunk)
+            for attempt in range(MAX_ATTEMPTS):
+                records_prefix = self.keys.records(block.pool, block.cidr)
+                result = self.store.txn(
+                    [mine, none_with_prefix(records_prefix)],
+                    [
+                        Delete(block_key_),
+                        Delete(self.keys.node_block(node, block.pool, block.cidr)),
+                    ],
+                    [Get(block_key_), Get(records_prefix, prefix=True)],
+                )
+                if result.succeeded:
+                    break
+                holder = _first(result.responses[0])
+                if holder is None or holder.value.decode() != node:
+                    # Someone else released it meanwhile; drop our stale index entry.
+                    self.store.txn([], [Delete(self.keys.node_block(node, block.pool, block.cidr))])
+                    break
+                # Records appeared (the node is still alive?): remove them too and retry.
+                late = result.responses[1]
+                for kv in late if isinstance(late, list) else []:
+                    address = parse_address(kv.key.rsplit("/", 1)[1], "stored record")
+                    r = decode_record(block.pool, block.cidr, address, kv.value)
+                    attachment = self.keys.attachment(
+                        r.owner.container_id, r.owner.interface, address.version
+                    )
+                    if self.store.txn(
+                        [unchanged(kv.key, kv.mod_revision)],
+                        [Delete(kv.key), Delete(attachment)],
+                    ).succeeded:
+                        removed += 1
+                self._backoff(attempt, "node release")
+            else:
+                raise Conflict(f'{op} "{node}": block "{block.cidr}" kept changing; try again')
+        return blocks, removed
+
+    # -- records ----------------------------------------------------------------------------
+
+    def record(self, node: str, items: Sequence[RecordRequest]) -> list[RecordResult]:
+        """Record addresses a node handed out; one result per item, in order.
+
+        Each item is committed only if its block is held by `node`, its address is not recorded
+        and its attachment (container ID, interface, family) holds no address yet; a repeat of
+        an item already recorded for the same attachment is RECORDED again, and an attachment
+        that holds another address gets EXISTING with that record. Items share transactions of
+        up to RECORDS_PER_TXN. Raises InvalidArgument (bad node, too many items), Conflict.
+        """
+        op = "record"
+        validate_node_name(node, op)
+        if len(items) > MAX_BATCH:
+            raise InvalidArgument(f"{op}: {len(items)} items; at most {MAX_BATCH} per request")
+        results: list[RecordResult | None] = [None] * len(items)
+        seen_attachments: set[str] = set()
+        seen_addresses: set[str] = set()
+        pending: list[int] = []
+        for i, item in enumerate(items):
+            attachment = self.keys.attachment(
+                item.owner.container_id, item.owner.interface, item.address.version
+            )
+            address = self.keys.record(item.pool, item.block, item.address)
+            if attachment in seen_attachments or address in seen_addresses:
+                results[i] = RecordResult(
+                    RecordOutcome.INVALID,
+                    message=f'{op} "{item.address}": repeats an attachment or address of the batch',
+                )
+                continue
+            seen_attachments.add(attachment)
+            seen_addresses.add(address)
+            pending.append(i)
+        for start in range(0, len(pending), RECORDS_PER_TXN):
+            self._record_chunk(node, items, pending[start : start + RECORDS_PER_TXN], results)
+        return [r if r is not None else RecordResult(RecordOutcome.INVALID) for r in results]
+
+    def _record_chunk(
+        self,
+        node: str,
+        items: Sequence[RecordRequest],
+        chunk: list[int],
+        results: list[RecordResult | None],
+    ) -> None:
+        for attempt in range(MAX_ATTEMPTS):
+            if not chunk:
+                return
+            now = self._now()
+            blocks = sorted({(items[i].pool, items[i].block) for i in chunk}, key=str)
+            compares: list[Compare] = [
+                value_is(self.keys.block(p, b), node.encode()) for p, b in blocks
+            ]
+            success: list[Op] = []
+            failure: list[Op] = [Get(self.keys.block(p, b)) for p, b in blocks]
+            for i in chunk:
+                it = items[i]
+                attachment = self.keys.attachment(
+                    it.owner.container_id, it.owner.interface, it.address.version
+                )
+                record = self.keys.record(it.pool, it.block, it.address)
+                compares += [absent(attachment), absent(record)]
+                success += [
+                    Put(record, encode_record(node, it.owner, now)),
+                    Put(attachment, record_ref(it.pool, it.block, it.address)),
+                ]
+                failure += [Get(attachment), Get(record)]
+            result = self.store.txn(compares, success, failure)
+            if result.succeeded:
+                for i in chunk:
+                    it = items[i]
+                    results[i] = RecordResult(
+                        RecordOutcome.RECORDED,
+                        AllocationRecord(it.address, it.pool, it.block, node, it.owner, now),
+                    )
+                return
+            holders = {blocks[j]: _first(result.responses[j]) for j in range(len(blocks))}
+            remaining = []
+            for n, i in enumerate(chunk):
+                it = items[i]
+                attachment_kv = _first(result.responses[len(blocks) + 2 * n])
+                record_kv = _first(result.responses[len(blocks) + 2 * n + 1])
+                outcome = self._classify_record(
+                    node, it, holders[(it.pool, it.block)], attachment_kv, record_kv
+                )
+                if outcome is None:
+                    remaining.append(i)
+                else:
+                    results[i] = outcome
+            if len(remaining) == len(chunk):
+                self._backoff(attempt, "record")
+            chunk = remaining
+        for i in chunk:
+            results[i] = RecordResult(
+                RecordOutcome.INVALID, message="record: lost too many races; try again"
+            )
+
+    def _classify_record(
+        self,
+        node: str,
+        it: RecordRequest,
+        holder: KeyValue | None,
+        attachment_kv: KeyValue | None,
+        record_kv: KeyValue | None,
+    ) -> RecordResult | None:
+        """Why an item's compares failed, or None if they held (another item failed)."""
+        if attachment_kv is not None:
+            pool, block, address = parse_record_path(attachment_kv.value.decode())
+            if (pool, block, address) == (it.pool, it.block, it.address) and record_kv:
+                return RecordResult(
+                    RecordOutcome.RECORDED,
+                    decode_record(pool, block, address, record_kv.value),
+                )
+            existing = self.store.get(self.keys.record(pool, block, address))
+            if existing is None:
+                return RecordResult(
+                    RecordOutcome.INVALID,
+                    message=f'record "{it.address}": the attachment refers to a missing record '
+                    f'"{address}"; run coilctl check',
+                )
+            return RecordResult(
+                RecordOutcome.EXISTING, decode_record(pool, block, address, existing.value)
+            )
+        if record_kv is not None:
+            other = decode_record(it.pool, it.block, it.address, record_kv.value)
+            return RecordResult(
+                RecordOutcome.ADDRESS_IN_USE,
+                other,
+                f'record "{it.address}": held by container "{other.owner.container_id}" '
+                f'interface "{other.owner.interface}" on node "{other.node}"',
+            )
+        if holder is None or holder.value.decode() != node:
+            who = f'node "{holder.value.decode()}"' if holder else "no node"
+            return RecordResult(
+                RecordOutcome.BLOCK_NOT_HELD,
+                message=f'record "{it.address}": block "{it.block}" is held by {who}, not "{node}"',
+            )
+        return None
+
+    def release(self, node: str, items: Sequence[ReleaseRequest]) -> list[ReleaseResult]:
+        """Remove allocation records; one result per item, in order.
+
+        An item whose address is not recorded is NOT_RECORDED (idempotent success). With a
+        container ID, only that attachment's record is removed; with a node, only records made
+        by that node. Raises InvalidArgument (bad node, too many items), Conflict.
+        """
+        op = "release"
+        if node:
+            validate_node_name(node, op)
+        if len(items) > MAX_BATCH:
+            raise InvalidArgument(f"{op}: {len(items)} items; at most {MAX_BATCH} per request")
+        results: list[ReleaseResult | None] = [None] * len(items)
+        pools, _ = self._pools()
+        located: list[tuple[int, str]] = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            where = self._locate(pools.values(), item.address)
+            if where is None:
+                results[i] = ReleaseResult(
+                    ReleaseOutcome.NOT_RECORDED, f'"{item.address}" is in no pool'
+                )
+                continue
+            key = self.keys.record(where[0].name, where[1], item.address)
+            if key in seen:
+                results[i] = ReleaseResult(ReleaseOutcome.INVALID, f'"{item.address}" repeated')
+                continue
+            seen.add(key)
+            located.append((i, key))
+        for start in range(0, len(located), RELEASES_PER_TXN):
+            self._release_chunk(node, items, located[start : start + RELEASES_PER_TXN], results)
+        return [r if r is not None else ReleaseResult(ReleaseOutcome.INVALID) for r in results]
+
+    def _release_chunk(
+        self,
+        node: str,
+        items: Sequence[ReleaseRequest],
+        chunk: list[tuple[int, str]],
+        results: list[ReleaseResult | None],
+    ) -> None:
+        for attempt in range(MAX_ATTEMPTS):
+            if not chunk:
+                return
+            read = self.store.txn([], [Get(key) for _, key in chunk])
+            compares: list[Compare] = []
+            deletes: list[Op] = []
+            going: list[tuple[int, str, AllocationRecord]] = []
+            for (i, key), found in zip(chunk, read.responses, strict=True):
+                kv = _first(found)
+                item = items[i]
+                if kv is None:
+                    results[i] = ReleaseResult(ReleaseOutcome.NOT_RECORDED)
+                    continue
+                pool, block, address = parse_record_path(
+                    self.keys.strip(key, self.keys.all_records)
+                )
+                rec = decode_record(pool, block, address, kv.value)
+                if item.container_id and (
+                    rec.owner.container_id != item.container_id
+                    or (item.interface and rec.owner.interface != item.interface)
+                ):
+                    results[i] = ReleaseResult(
+                        ReleaseOutcome.OWNER_MISMATCH,
+                        f'release "{address}": held by container "{rec.owner.container_id}" '
+                        f'interface "{rec.owner.interface}", not "{item.container_id}" '
+                        f'"{item.interface}"',
+                        rec,
+                    )
+                    continue
+                if node and rec.node != node:
+                    results[i] = ReleaseResult(
+                        ReleaseOutcome.OWNER_MISMATCH,
+                        f'release "{address}": recorded by node "{rec.node}", not "{node}"',
+                        rec,
+                    )
+                    continue
+                compares.append(unchanged(key, kv.mod_revision))
+                deletes.append(Delete(key))
+                deletes.append(
+                    Delete(
+                        self.keys.attachment(
+                            rec.owner.container_id, rec.owner.interface, address.version
+                        )
+                    )
+                )
+                going.append((i, key, rec))
+            if not going:
+                return
+            if self.store.txn(compares, deletes).succeeded:
+                for i, _, rec in going:
+                    results[i] = ReleaseResult(ReleaseOutcome.RELEASED, record=rec)
+                return
+            chunk = [(i, key) for i, key, _ in going]
+            self._backoff(attempt, "release")
+        raise Conflict("release: records kept changing; try again")
+
+    def address_info(self, address_text: str) -> AddressInfo:
+        """Where an address lies and who holds it. Raises InvalidArgument, NotFound (in no pool)."""
+        op = "address info"
+        address = parse_address(address_text, op)
+        pools, _ = self._pools()
+        where = self._locate(pools.values(), address)
+        if where is None:
+            raise NotFound(f'{op} "{address}": the address is in no pool')
+        pool, block = where
+        found = self.store.txn(
+            [],
+            [
+                Get(self.keys.block(pool.name, block)),
+                Get(self.keys.record(pool.name, block, address)),
+            ],
+        )
+        holder = _first(found.responses[0])
+        record = _first(found.responses[1])
+        return AddressInfo(
+            address,
+            pool.name,
+            block,
+            holder.value.decode() if holder else "",
+            decode_record(pool.name, block, address, record.value) if record else None,
+        )
+
+    def free_address(self, address_text: str) -> AllocationRecord:
+        """Remove an address's record, whoever holds it (repair tool).
+
+        Raises InvalidArgument, NotFound (not allocated), Conflict.
+        """
+        op = "address free"
+        address = parse_address(address_text, op)
+        (result,) = self.release("", [ReleaseRequest(address)])
+        if result.outcome != ReleaseOutcome.RELEASED or result.record is None:
+            raise NotFound(f'{op} "{address}": the address is not allocated')
+        return result.record
+
+    def usage(self) -> list[PoolUsage]:
+        """Blocks and addresses used per pool and family, read at one revision."""
+        pools, rev = self._pools()
+        blocks, _ = self.store.range(self.keys.all_blocks, keys_only=True, revision=rev)
+        records, _ = self.store.range(self.keys.all_records, keys_only=True, revision=rev)
+        held: Counter[tuple[str, int]] = Counter()
+        for kv in blocks:
+            pool_name, block_id = self.keys.strip(kv.key, self.keys.all_blocks).split("/", 1)
+            held[(pool_name, 6 if ":" in block_id else 4)] += 1
+        used: Counter[tuple[str, int]] = Counter()
+        for kv in records:
+            pool_name, _, address = self.keys.strip(kv.key, self.keys.all_records).split("/", 2)
+            used[(pool_name, 6 if ":" in address else 4)] += 1
+        out = []
+        for name in sorted(pools):
+            pool = pools[name]
+            for fam in pool.families():
+                subnets = pool.subnets_of(fam)
+                out.append(
+                    PoolUsage(
+                        name,
+                        fam,
+                        held[(name, int(fam))],
+                        sum(block_count(s, pool.block_bits) for s in subnets),
+                        used[(name, int(fam))],
+                        sum(int(s.num_addresses) for s in subnets),
+                    )
+                )
+        return out
+
+
+__all__ = ["Allocator", "CoilError"]

@@ -1,0 +1,170 @@
+"""`coil-allocator`: the central service that owns pools, block claims and allocation records.
+
+Every flag can also be set through a `COIL_` environment variable (shown in --help), so that an
+etcd password never has to appear on a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from coil_allocator.allocator import Allocator
+from coil_allocator.errors import CoilError
+from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+
+log = logging.getLogger("coil.allocator")
+
+FLAGS = (
+    # flag, env, default, help
+    ("--listen", "COIL_LISTEN", "127.0.0.1:9380", 'gRPC address: "host:port" or "unix:PATH"'),
+    ("--etcd-endpoints", "COIL_ETCD_ENDPOINTS", "127.0.0.1:2379", "comma-separated etcd endpoints"),
+    ("--etcd-prefix", "COIL_ETCD_PREFIX", "/coil/", "key prefix of coil's data in etcd"),
+    ("--etcd-username", "COIL_ETCD_USERNAME", "", "etcd user (with --etcd-password)"),
+    (
+        "--etcd-password",
+        "COIL_ETCD_PASSWORD",
+        "",
+        "etcd password (prefer the environment variable)",
+    ),
+    ("--etcd-tls-ca", "COIL_ETCD_TLS_CA", "", "CA certificate file that signed etcd's certificate"),
+    ("--etcd-tls-cert", "COIL_ETCD_TLS_CERT", "", "client certificate file for etcd"),
+    ("--etcd-tls-key", "COIL_ETCD_TLS_KEY", "", "client key file for etcd"),
+    ("--etcd-timeout", "COIL_ETCD_TIMEOUT", "5", "seconds to wait for each etcd request"),
+    (
+        "--metrics-addr",
+        "COIL_METRICS_ADDR",
+        "127.0.0.1:9381",
+        'Prometheus "host:port"; "" disables',
+    ),
+    ("--tls-cert", "COIL_TLS_CERT", "", "serve gRPC over TLS with this certificate file"),
+    ("--tls-key", "COIL_TLS_KEY", "", "key file of --tls-cert"),
+    ("--tls-client-ca", "COIL_TLS_CLIENT_CA", "", "require client certificates signed by this CA"),
+    ("--log-level", "COIL_LOG_LEVEL", "info", "debug, info, warning or error"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="coil-allocator",
+        description="coil's allocator: pools, address blocks and allocation records in etcd.",
+    )
+    for flag, env, default, text in FLAGS:
+        parser.add_argument(
+            flag,
+            default=os.environ.get(env, default),
+            help=f"{text} (env {env}; default {default!r})",
+        )
+    args = parser.parse_args(argv)
+    try:
+        args.etcd_timeout = float(args.etcd_timeout)
+        if args.etcd_timeout <= 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--etcd-timeout {args.etcd_timeout!r}: not a positive number of seconds")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    return args
+
+
+def _split_hostport(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+        stream=sys.stderr,
+    )
+    import grpc
+    from grpc_health.v1 import health, health_pb2
+    from prometheus_client import start_http_server
+
+    from coil_allocator.metrics import AllocatorMetrics
+    from coil_allocator.servicer import serve
+
+    try:
+        store = EtcdStore(
+            EtcdConfig(
+                endpoints=tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()),
+                username=args.etcd_username or None,
+                password=args.etcd_password or None,
+                tls_ca=args.etcd_tls_ca or None,
+                tls_cert=args.etcd_tls_cert or None,
+                tls_key=args.etcd_tls_key or None,
+                timeout=args.etcd_timeout,
+            )
+        )
+    except CoilError as e:
+        print(f"coil-allocator: {e}", file=sys.stderr)
+        return 2
+    metrics = AllocatorMetrics()
+    allocator = Allocator(store, args.etcd_prefix, events=metrics)
+    metrics.watch_usage(allocator)
+    credentials = None
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as f:
+            cert = f.read()
+        with open(args.tls_key, "rb") as f:
+            key = f.read()
+        client_ca = None
+        if args.tls_client_ca:
+            with open(args.tls_client_ca, "rb") as f:
+                client_ca = f.read()
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
+        )
+    health_servicer = health.HealthServicer()
+    try:
+        server, _ = serve(
+            allocator,
+            args.listen,
+            observe=metrics.observe_rpc,
+            credentials=credentials,
+            health=health_servicer,
+        )
+    except RuntimeError as e:
+        print(f"coil-allocator: {e}", file=sys.stderr)
+        return 2
+    if args.metrics_addr:
+        host, port = _split_hostport(args.metrics_addr)
+        start_http_server(port, addr=host, registry=metrics.registry)
+    stop = threading.Event()
+
+    def check_etcd() -> None:
+        # The health service says SERVING only while etcd answers.
+        while not stop.is_set():
+            try:
+                store.get(allocator.keys.pools)
+                status = health_pb2.HealthCheckResponse.SERVING
+            except CoilError as e:
+                log.warning("etcd check failed: %s", e)
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            health_servicer.set("", status)
+            health_servicer.set("coil.v1.AllocatorService", status)
+            stop.wait(5)
+
+    threading.Thread(target=check_etcd, name="etcd-health", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info(
+        "serving on %s, etcd %s, prefix %s", args.listen, args.etcd_endpoints, args.etcd_prefix
+    )
+    stop.wait()
+    log.info("stopping")
+    server.stop(grace=5).wait()
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The allocator's values: pools, held blocks, owners, allocation records, requests and results.
+
+Immutable dataclasses, free of etcd and gRPC. Requests are validated when built (`from_strings`
+constructors), so the allocator only ever sees well-formed values.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from coil_allocator.blocks import Address, Network, block_key, parse_block_key
+from coil_allocator.errors import InvalidArgument
+
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
+_INTERFACE = re.compile(r"[^/\s:]{1,15}")
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?")
+
+
+def validate_node_name(node: str, op: str) -> str:
+    """Return `node` if it is a valid node name (DNS-1123 subdomain); else InvalidArgument."""
+    if not _NODE_NAME.fullmatch(node or ""):
+        raise InvalidArgument(
+            f'{op} node "{node}": not a valid node name (lowercase a-z, 0-9, "-" and ".", '
+            "starting and ending with a letter or digit, at most 253 characters)"
+        )
+    return node
+
+
+def parse_address(text: str, op: str) -> Address:
+    """Parse a bare IP address ("10.0.0.5", "fd00::5"); InvalidArgument if it is not one."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidArgument(f'{op} "{text}": not an IP address') from None
+
+
+class Family(enum.IntEnum):
+    """IP family, numbered like `ipaddress` versions."""
+
+    IPV4 = 4
+    IPV6 = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """An address pool: subnets carved into blocks of 2^block_bits addresses."""
+
+    name: str
+    subnets: tuple[Network, ...]
+    block_bits: int
+
+    def subnets_of(self, family: Family) -> tuple[Network, ...]:
+        return tuple(s for s in self.subnets if s.version == family)
+
+    def families(self) -> tuple[Family, ...]:
+        return tuple(f for f in (Family.IPV4, Family.IPV6) if self.subnets_of(f))
+
+    def subnet_of(self, address: Address | Network) -> Network | None:
+        """The pool subnet containing `address` (or the block), or None."""
+        for subnet in self.subnets:
+            if subnet.version != address.version:
+                continue
+            if isinstance(address, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                if address.subnet_of(subnet):  # type: ignore[arg-type]
+                    return subnet
+            elif address in subnet:
+                return subnet
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBlock:
+    """A block held by a node."""
+
+    pool: str
+    cidr: Network
+    node: str
+    claim_revision: int
+    claimed_at: int = 0
+    used: int = 0
+
+    @property
+    def key_id(self) -> str:
+        return block_key(self.cidr)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.cidr.num_addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who an address was handed to: the pod and its CNI attachment."""
+
+    namespace: str
+    pod: str
+    container_id: str
+    interface: str
+
+    def validate(self, op: str) -> Owner:
+        """Return self if the attachment fields are well formed; else InvalidArgument."""
+        if not _CONTAINER_ID.fullmatch(self.container_id):
+            raise InvalidArgument(
+                f'{op} container ID "{self.container_id}": must be 1-255 characters of '
+                "letters, digits, '_', '.' and '-', starting with a letter or digit"
+            )
+        if not _INTERFACE.fullmatch(self.interface):
+            raise InvalidArgument(
+                f'{op} interface "{self.interface}": must be 1-15 characters without "/", ":" '
+                "or spaces"
+            )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRecord:
+    """The durable record of one address handed to one attachment."""
+
+    address: Address
+    pool: str
+    block: Network
+    node: str
+    owner: Owner
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRequest:
+    """One address a node handed out and wants recorded."""
+
+    address: Address
+    pool: str
+    block: Network
+    owner: Owner
+
+    @classmethod
+    def from_strings(
+        cls, address: str, pool: str, block: str, owner: Owner, op: str = "record"
+    ) -> RecordRequest:
+        """Build and validate; raises InvalidArgument naming the bad field."""
+        addr = parse_address(address, op)
+        net = parse_block_key(block.replace("/", "_", 1), f"{op} block")
+        if addr.version != net.version or addr not in net:
+            raise InvalidArgument(f'{op} "{address}": not in block "{block}"')
+        if not pool:
+            raise InvalidArgument(f'{op} "{address}": pool is empty')
+        return cls(addr, pool, net, owner.validate(op))
+
+
+class RecordOutcome(enum.Enum):
+    RECORDED = "recorded"
+    EXISTING = "existing"
+    ADDRESS_IN_USE = "address in use"
+    BLOCK_NOT_HELD = "block not held"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    outcome: RecordOutcome
+    record: AllocationRecord | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequest:
+    """An address to release, optionally only if this attachment holds it."""
+
+    address: Address
+    container_id: str = ""
+    interface: str = ""
+
+
+class ReleaseOutcome(enum.Enum):
+    RELEASED = "released"
+    NOT_RECORDED = "not recorded"
+    OWNER_MISMATCH = "owner mismatch"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    outcome: ReleaseOutcome
+    message: str = ""
+    record: AllocationRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetBlocks:
+    """The held blocks of one subnet of a pool."""
+
+    subnet: Network
+    total_blocks: int
+    held: tuple[HeldBlock, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AddressInfo:
+    """Where an address lies and who holds it."""
+
+    address: Address
+    pool: str
+    block: Network
+    node: str
+    record: AllocationRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    pool: str
+    family: Family
+    blocks_held: int
+    blocks_total: int
+    addresses_used: int
+    addresses_total: int

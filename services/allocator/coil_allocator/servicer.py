@@ -1,0 +1,328 @@
+"""The gRPC face of the allocator: protobuf in, domain values to `Allocator`, protobuf out.
+
+Domain errors become gRPC statuses here and nowhere else (`STATUS_OF`); every RPC is counted and
+timed by method and outcome on the way.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from coil.v1 import allocator_pb2 as pb
+from coil.v1 import allocator_pb2_grpc as pb_grpc
+
+from coil_allocator import errors
+from coil_allocator.allocator import Allocator
+from coil_allocator.model import (
+    AllocationRecord,
+    Family,
+    HeldBlock,
+    Owner,
+    Pool,
+    RecordOutcome,
+    RecordRequest,
+    RecordResult,
+    ReleaseOutcome,
+    ReleaseRequest,
+    ReleaseResult,
+    parse_address,
+)
+
+log = logging.getLogger("coil.allocator")
+
+STATUS_OF: dict[type[errors.CoilError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PoolExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+_FAMILY_TO_PB = {Family.IPV4: pb.FAMILY_IPV4, Family.IPV6: pb.FAMILY_IPV6}
+_FAMILY_FROM_PB = {pb.FAMILY_IPV4: Family.IPV4, pb.FAMILY_IPV6: Family.IPV6}
+_RECORD_OUTCOME = {
+    RecordOutcome.RECORDED: pb.RECORD_OUTCOME_RECORDED,
+    RecordOutcome.EXISTING: pb.RECORD_OUTCOME_EXISTING,
+    RecordOutcome.ADDRESS_IN_USE: pb.RECORD_OUTCOME_ADDRESS_IN_USE,
+    RecordOutcome.BLOCK_NOT_HELD: pb.RECORD_OUTCOME_BLOCK_NOT_HELD,
+    RecordOutcome.INVALID: pb.RECORD_OUTCOME_INVALID,
+}
+_RELEASE_OUTCOME = {
+    ReleaseOutcome.RELEASED: pb.RELEASE_OUTCOME_RELEASED,
+    ReleaseOutcome.NOT_RECORDED: pb.RELEASE_OUTCOME_NOT_RECORDED,
+    ReleaseOutcome.OWNER_MISMATCH: pb.RELEASE_OUTCOME_OWNER_MISMATCH,
+    ReleaseOutcome.INVALID: pb.RELEASE_OUTCOME_INVALID,
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+RpcObserver = Callable[[str, str, float], None]
+
+
+def _status_of(error: errors.CoilError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def pool_pb(pool: Pool) -> pb.Pool:
+    return pb.Pool(
+        name=pool.name, subnets=[str(s) for s in pool.subnets], block_size_bits=pool.block_bits
+    )
+
+
+def block_pb(block: HeldBlock) -> pb.Block:
+    return pb.Block(
+        pool=block.pool,
+        cidr=str(block.cidr),
+        node=block.node,
+        used=block.used,
+        capacity=block.capacity,
+        claim_revision=block.claim_revision,
+        claimed_at=block.claimed_at,
+    )
+
+
+def record_pb(record: AllocationRecord) -> pb.AllocationRecord:
+    return pb.AllocationRecord(
+        address=str(record.address),
+        pool=record.pool,
+        block=str(record.block),
+        node=record.node,
+        owner=pb.Owner(
+            namespace=record.owner.namespace,
+            pod=record.owner.pod,
+            container_id=record.owner.container_id,
+            interface=record.owner.interface,
+        ),
+        created_at=record.created_at,
+    )
+
+
+def _record_result_pb(result: RecordResult) -> pb.RecordResult:
+    out = pb.RecordResult(outcome=_RECORD_OUTCOME[result.outcome], message=result.message)
+    if result.record is not None:
+        out.record.CopyFrom(record_pb(result.record))
+    return out
+
+
+def _release_result_pb(result: ReleaseResult) -> pb.ReleaseResult:
+    return pb.ReleaseResult(outcome=_RELEASE_OUTCOME[result.outcome], message=result.message)
+
+
+class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
+    """Serves `coil.v1.AllocatorService` from an `Allocator`."""
+
+    def __init__(self, allocator: Allocator, observe: RpcObserver | None = None) -> None:
+        self.allocator = allocator
+        self._observe = observe or (lambda method, code, seconds: None)
+
+    @staticmethod
+    def _rpc(method: str) -> Callable[[F], F]:
+        """Map domain errors to statuses once, and report each call's outcome and duration."""
+
+        def wrap(fn: F) -> F:
+            @functools.wraps(fn)
+            def handler(
+                self: AllocatorServicer, request: Any, context: grpc.ServicerContext
+            ) -> Any:
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    return fn(self, request, context)
+                except errors.CoilError as e:
+                    code = _status_of(e)
+                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                        log.warning("%s failed: %s", method, e)
+                    context.abort(code, str(e))
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("%s failed unexpectedly", method)
+                    context.abort(code, f"{method}: internal error; see the allocator's log")
+                finally:
+                    self._observe(method, code.name, time.perf_counter() - started)
+
+            return handler  # type: ignore[return-value]
+
+        return wrap
+
+    @_rpc("CreatePool")
+    def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
+        pool = self.allocator.create_pool(
+            request.name, list(request.subnets), request.block_size_bits
+        )
+        return pb.CreatePoolResponse(pool=pool_pb(pool))
+
+    @_rpc("AddSubnet")
+    def AddSubnet(self, request: pb.AddSubnetRequest, context: Any) -> pb.AddSubnetResponse:
+        return pb.AddSubnetResponse(
+            pool=pool_pb(self.allocator.add_subnet(request.pool, request.subnet))
+        )
+
+    @_rpc("ListPools")
+    def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
+        return pb.ListPoolsResponse(pools=[pool_pb(p) for p in self.allocator.list_pools()])
+
+    @_rpc("GetPool")
+    def GetPool(self, request: pb.GetPoolRequest, context: Any) -> pb.GetPoolResponse:
+        pool, subnets = self.allocator.get_pool(request.name, request.subnet)
+        return pb.GetPoolResponse(
+            pool=pool_pb(pool),
+            subnets=[
+                pb.SubnetBlocks(
+                    subnet=str(s.subnet),
+                    total_blocks=s.total_blocks,
+                    held=[block_pb(b) for b in s.held],
+                )
+                for s in subnets
+            ],
+        )
+
+    @_rpc("DeletePool")
+    def DeletePool(self, request: pb.DeletePoolRequest, context: Any) -> pb.DeletePoolResponse:
+        self.allocator.delete_pool(request.name)
+        return pb.DeletePoolResponse()
+
+    @_rpc("ClaimBlock")
+    def ClaimBlock(self, request: pb.ClaimBlockRequest, context: Any) -> pb.ClaimBlockResponse:
+        family = _FAMILY_FROM_PB.get(request.family)
+        if family is None and request.family != pb.FAMILY_UNSPECIFIED:
+            raise errors.InvalidArgument(f"block claim: unknown family {request.family}")
+        block, retries = self.allocator.claim_block(request.node, request.pool, family)
+        return pb.ClaimBlockResponse(block=block_pb(block), retries=retries)
+
+    @_rpc("ReleaseBlock")
+    def ReleaseBlock(
+        self, request: pb.ReleaseBlockRequest, context: Any
+    ) -> pb.ReleaseBlockResponse:
+        self.allocator.release_block(request.node, request.pool, request.block)
+        return pb.ReleaseBlockResponse()
+
+    @_rpc("ListNodeBlocks")
+    def ListNodeBlocks(
+        self, request: pb.ListNodeBlocksRequest, context: Any
+    ) -> pb.ListNodeBlocksResponse:
+        blocks, records, revision = self.allocator.node_blocks(request.node, request.with_records)
+        return pb.ListNodeBlocksResponse(
+            blocks=[block_pb(b) for b in blocks],
+            records=[record_pb(r) for r in records],
+            revision=revision,
+        )
+
+    @_rpc("ReleaseNode")
+    def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: Any) -> pb.ReleaseNodeResponse:
+        blocks, removed = self.allocator.release_node(request.node)
+        return pb.ReleaseNodeResponse(blocks=[block_pb(b) for b in blocks], records_removed=removed)
+
+    @_rpc("RecordAllocations")
+    def RecordAllocations(
+        self, request: pb.RecordAllocationsRequest, context: Any
+    ) -> pb.RecordAllocationsResponse:
+        # Items that fail validation get an INVALID result of their own; the rest are recorded.
+        valid: list[RecordRequest] = []
+        where: list[int] = []
+        results: list[pb.RecordResult | None] = [None] * len(request.items)
+        for i, item in enumerate(request.items):
+            owner = Owner(
+                item.owner.namespace, item.owner.pod, item.owner.container_id, item.owner.interface
+            )
+            try:
+                valid.append(RecordRequest.from_strings(item.address, item.pool, item.block, owner))
+                where.append(i)
+            except errors.InvalidArgument as e:
+                results[i] = pb.RecordResult(outcome=pb.RECORD_OUTCOME_INVALID, message=str(e))
+        for i, result in zip(where, self.allocator.record(request.node, valid), strict=True):
+            results[i] = _record_result_pb(result)
+        return pb.RecordAllocationsResponse(results=[r for r in results if r is not None])
+
+    @_rpc("ReleaseAllocations")
+    def ReleaseAllocations(
+        self, request: pb.ReleaseAllocationsRequest, context: Any
+    ) -> pb.ReleaseAllocationsResponse:
+        valid: list[ReleaseRequest] = []
+        where: list[int] = []
+        results: list[pb.ReleaseResult | None] = [None] * len(request.items)
+        for i, item in enumerate(request.items):
+            try:
+                address = parse_address(item.address, "release")
+            except errors.InvalidArgument as e:
+                results[i] = pb.ReleaseResult(outcome=pb.RELEASE_OUTCOME_INVALID, message=str(e))
+                continue
+            valid.append(ReleaseRequest(address, item.container_id, item.interface))
+            where.append(i)
+        for i, result in zip(where, self.allocator.release(request.node, valid), strict=True):
+            results[i] = _release_result_pb(result)
+        return pb.ReleaseAllocationsResponse(results=[r for r in results if r is not None])
+
+    @_rpc("GetAddress")
+    def GetAddress(self, request: pb.GetAddressRequest, context: Any) -> pb.GetAddressResponse:
+        info = self.allocator.address_info(request.address)
+        out = pb.GetAddressResponse(pool=info.pool, block=str(info.block), node=info.node)
+        if info.record is not None:
+            out.record.CopyFrom(record_pb(info.record))
+        return out
+
+    @_rpc("FreeAddress")
+    def FreeAddress(self, request: pb.FreeAddressRequest, context: Any) -> pb.FreeAddressResponse:
+        return pb.FreeAddressResponse(
+            record=record_pb(self.allocator.free_address(request.address))
+        )
+
+    @_rpc("GetUsage")
+    def GetUsage(self, request: pb.GetUsageRequest, context: Any) -> pb.GetUsageResponse:
+        return pb.GetUsageResponse(
+            usage=[
+                pb.PoolUsage(
+                    pool=u.pool,
+                    family=_FAMILY_TO_PB[u.family],
+                    blocks_held=u.blocks_held,
+                    blocks_total=u.blocks_total,
+                    addresses_used=u.addresses_used,
+                    addresses_total=u.addresses_total,
+                )
+                for u in self.allocator.usage()
+            ]
+        )
+
+
+def serve(
+    allocator: Allocator,
+    listen: str,
+    *,
+    workers: int = 16,
+    observe: RpcObserver | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    health: Any = None,
+) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `allocator` on `listen` ("host:port" or "unix:PATH").
+
+    Returns the started server and the bound port (0 for a UNIX socket). Raises RuntimeError if
+    the address cannot be bound.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_AllocatorServiceServicer_to_server(AllocatorServicer(allocator, observe), server)
+    if health is not None:
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = (
+        server.add_secure_port(listen, credentials)
+        if credentials
+        else server.add_insecure_port(listen)
+    )
+    if port == 0 and not listen.startswith("unix:"):
+        raise RuntimeError(f"allocator: cannot listen on {listen!r}")
+    server.start()
+    return server, port
+
+
+__all__ = ["AllocatorServicer", "serve", "STATUS_OF", "ipaddress"]
