@@ -86,6 +86,9 @@ from coil_allocator.store import (
 MAX_ATTEMPTS = 8
 """How often a change is tried when it keeps losing compares to concurrent writers."""
 
+MAX_CLAIM_ATTEMPTS = 16
+"""Claims re-read the held blocks with every lost race, so each retry sees the others' progress."""
+
 RECORDS_PER_TXN = 40
 """Records per transaction: 2 compares, 2 puts and 3 failure reads each stay under etcd's
 default limit of 128 operations per transaction."""
@@ -329,9 +332,10 @@ class Allocator:
         validate_pool_name(pool_name, op)
         pool, pool_kv = self._load_pool(pool_name, op)
         fam = family or (pool.families() or (Family.IPV4,))[0]
-        held_kvs, _ = self.store.range(self.keys.blocks(pool_name), keys_only=True)
-        held = {self.keys.strip(kv.key, self.keys.blocks(pool_name)) for kv in held_kvs}
-        for attempt in range(MAX_ATTEMPTS):
+        blocks_prefix = self.keys.blocks(pool_name)
+        held_kvs, _ = self.store.range(blocks_prefix, keys_only=True)
+        held = {self.keys.strip(kv.key, blocks_prefix) for kv in held_kvs}
+        for attempt in range(MAX_CLAIM_ATTEMPTS):
             subnets = pool.subnets_of(fam)
             if not subnets:
                 raise InvalidArgument(f'{op} "{pool_name}": the pool has no IPv{int(fam)} subnet')
@@ -352,7 +356,8 @@ class Allocator:
                         json.dumps({"claimed_at": now}).encode(),
                     ),
                 ],
-                [Get(pool_kv.key)],
+                # Lost: read what changed in the same round trip, so the next pick is informed.
+                [Get(pool_kv.key), Get(blocks_prefix, prefix=True, keys_only=True)],
             )
             if result.succeeded:
                 self._events.claimed(pool_name, attempt)
@@ -362,10 +367,13 @@ class Allocator:
                 raise NotFound(f'{op} "{pool_name}": no such pool (deleted meanwhile)')
             if current.mod_revision != pool_kv.mod_revision:
                 pool, pool_kv = decode_pool(pool_name, current.value), current
-            else:
-                held.add(block_key(block))
+            now_held = result.responses[1]
+            if isinstance(now_held, list):
+                held = {self.keys.strip(kv.key, blocks_prefix) for kv in now_held}
             self._backoff(attempt, "block claim")
-        raise Conflict(f'{op} "{pool_name}": lost {MAX_ATTEMPTS} races for free blocks; try again')
+        raise Conflict(
+            f'{op} "{pool_name}": lost {MAX_CLAIM_ATTEMPTS} races for free blocks; try again'
+        )
 
     def _pick_free(self, pool: Pool, subnets: Sequence[Network], held: set[str]) -> Network | None:
         counts = [block_count(s, pool.block_bits) for s in subnets]
