@@ -1,0 +1,358 @@
+"""Parsing and validation of what a runtime hands the plugin: the CNI_* environment and the network
+configuration on stdin; and the shape of the results printed back. Pure functions, no I/O, no grpc.
+
+Every function raises ``CNIError`` with the CNI code for the problem and a message quoting the
+input.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from coil_cni.errors import (
+    DECODING_FAILURE,
+    INCOMPATIBLE_VERSION,
+    INVALID_CONFIG,
+    INVALID_ENVIRONMENT,
+    CNIError,
+)
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = "1.1.0"
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+# The oldest configuration version that may carry each command (CNI spec; libcni's skel agrees).
+MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+
+DEFAULT_SOCKET = "/run/coild.sock"
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_NAMESPACE = "default"
+
+# CNI_ARGS keys a Kubernetes runtime sends; any other key needs IgnoreUnknown=1.
+KNOWN_ARGS = (
+    "IgnoreUnknown",
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_NAME",
+    "K8S_POD_INFRA_CONTAINER_ID",
+    "K8S_POD_UID",
+)
+
+_CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+_IFNAME_MAX = 15  # IFNAMSIZ - 1
+
+
+class IpamConfig(NamedTuple):
+    """The ``ipam`` section: where coild listens and how long one call may take (seconds)."""
+
+    socket: str
+    timeout: float
+
+
+class Attachment(NamedTuple):
+    """One interface of one container: (CNI_CONTAINERID, CNI_IFNAME)."""
+
+    container_id: str
+    ifname: str
+
+    def __str__(self) -> str:
+        return f"{self.container_id}/{self.ifname}"
+
+
+class PodRef(NamedTuple):
+    """Kubernetes namespace and pod name from CNI_ARGS ("default" and "" when absent)."""
+
+    namespace: str
+    pod: str
+
+
+class Address(NamedTuple):
+    """An address of a result as coild gave it: CIDR form and gateway."""
+
+    address: str
+    gateway: str
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def parse_netconf(data: bytes) -> dict[str, Any]:
+    """Decode the configuration on stdin; code 6 if it is not a JSON object."""
+    try:
+        conf = json.loads(data)
+    except ValueError as e:
+        shown = data[:200].decode("utf-8", "replace")
+        raise CNIError(
+            DECODING_FAILURE, f"network configuration on stdin is not valid JSON: {shown!r}", str(e)
+        ) from None
+    if not isinstance(conf, dict):
+        raise CNIError(
+            DECODING_FAILURE,
+            f"network configuration on stdin is not a JSON object: {json.dumps(conf)[:200]}",
+        )
+    return conf
+
+
+def config_version(conf: Mapping[str, Any], command: str) -> str:
+    """The configuration's cniVersion, checked to be supported and to allow ``command``.
+
+    Raises code 1 for an unsupported or missing version (absent means "0.1.0" in CNI) or one too old
+    for the command (CHECK needs 0.4.0, GC and STATUS 1.1.0), code 7 if it is not a string.
+    """
+    version = conf.get("cniVersion")
+    supported = ", ".join(SUPPORTED_VERSIONS)
+    if version is None:
+        raise CNIError(
+            INCOMPATIBLE_VERSION,
+            'network configuration has no cniVersion (which means "0.1.0"); '
+            f"supported: {supported}",
+        )
+    if not isinstance(version, str):
+        raise CNIError(INVALID_CONFIG, f"cniVersion must be a string, got {json.dumps(version)}")
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(
+            INCOMPATIBLE_VERSION,
+            f"unsupported cniVersion {version!r}; supported: {supported}",
+        )
+    minimum = MIN_VERSION.get(command)
+    if minimum is not None and _version_key(version) < _version_key(minimum):
+        raise CNIError(
+            INCOMPATIBLE_VERSION,
+            f"cniVersion {version!r} does not allow {command}; "
+            f"it needs cniVersion {minimum} or later",
+        )
+    return version
+
+
+def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
+    """The ``ipam`` section; code 7 if missing, not for coil, or with a bad socket or timeout."""
+    ipam = conf.get("ipam")
+    if not isinstance(ipam, dict):
+        shown = "missing" if ipam is None else f"not an object: {json.dumps(ipam)}"
+        raise CNIError(INVALID_CONFIG, f"network configuration has no ipam section ({shown})")
+    if ipam.get("type") != "coil":
+        raise CNIError(
+            INVALID_CONFIG, f'ipam.type must be "coil", got {json.dumps(ipam.get("type"))}'
+        )
+    socket = ipam.get("socket", DEFAULT_SOCKET)
+    if not isinstance(socket, str) or not socket.startswith("/"):
+        raise CNIError(
+            INVALID_CONFIG,
+            f"ipam.socket must be an absolute path of coild's socket, got {json.dumps(socket)}",
+        )
+    timeout = ipam.get("timeout", DEFAULT_TIMEOUT)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise CNIError(
+            INVALID_CONFIG,
+            f"ipam.timeout must be a positive number of seconds, got {json.dumps(timeout)}",
+        )
+    return IpamConfig(socket=socket, timeout=float(timeout))
+
+
+def _ip_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise CNIError(
+            INVALID_CONFIG, f"{where} must be a list of address strings, got {json.dumps(value)}"
+        )
+    return value
+
+
+def _object(conf: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = conf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CNIError(INVALID_CONFIG, f"{where} must be an object, got {json.dumps(value)}")
+    return value
+
+
+def requested_addresses(conf: Mapping[str, Any]) -> list[str]:
+    """Static addresses asked for through ``runtimeConfig.ips`` (the "ips" capability) and
+    ``args.cni.ips``, without prefix length, de-duplicated in order. Code 7 for anything that is not
+    a list of strings or an entry that is not an address (with or without "/prefix")."""
+    found: list[tuple[str, str]] = []
+    runtime_ips = _object(conf, "runtimeConfig", "runtimeConfig").get("ips")
+    if runtime_ips is not None:
+        found += [(ip, "runtimeConfig.ips") for ip in _ip_list(runtime_ips, "runtimeConfig.ips")]
+    cni_args = _object(_object(conf, "args", "args"), "cni", "args.cni")
+    args_ips = cni_args.get("ips")
+    if args_ips is not None:
+        found += [(ip, "args.cni.ips") for ip in _ip_list(args_ips, "args.cni.ips")]
+    result: list[str] = []
+    for entry, where in found:
+        try:
+            address = str(ipaddress.ip_address(entry.split("/", 1)[0]))
+            if "/" in entry:
+                ipaddress.ip_interface(entry)  # the prefix length must be valid too
+        except ValueError:
+            raise CNIError(
+                INVALID_CONFIG, f"{where}: {entry!r} is not an IP address (with or without /prefix)"
+            ) from None
+        if address not in result:
+            result.append(address)
+    return result
+
+
+def parse_cni_args(value: str) -> PodRef:
+    """Parse CNI_ARGS (``K=V;K=V``) into the pod's namespace and name.
+
+    Empty items are skipped. Code 4 for an item without "=" or with an empty key, an IgnoreUnknown
+    that is not a boolean, or a key coil does not know when IgnoreUnknown is not true.
+    """
+    pairs: dict[str, str] = {}
+    for item in value.split(";"):
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise CNIError(
+                INVALID_ENVIRONMENT,
+                f"CNI_ARGS item {item!r} is not KEY=VALUE (CNI_ARGS={value!r})",
+            )
+        pairs[key] = val
+    ignore = pairs.get("IgnoreUnknown", "false").lower()
+    if ignore not in ("1", "true", "0", "false"):
+        raise CNIError(
+            INVALID_ENVIRONMENT,
+            f"CNI_ARGS IgnoreUnknown={pairs['IgnoreUnknown']!r} is not 1, 0, true or false",
+        )
+    if ignore in ("0", "false"):
+        unknown = [key for key in pairs if key not in KNOWN_ARGS]
+        if unknown:
+            raise CNIError(
+                INVALID_ENVIRONMENT,
+                f"CNI_ARGS has unknown key {unknown[0]!r} and no IgnoreUnknown=1 "
+                f"(CNI_ARGS={value!r})",
+            )
+    return PodRef(
+        namespace=pairs.get("K8S_POD_NAMESPACE") or DEFAULT_NAMESPACE,
+        pod=pairs.get("K8S_POD_NAME", ""),
+    )
+
+
+def _required(env: Mapping[str, str], name: str, command: str) -> str:
+    value = env.get(name, "")
+    if not value:
+        raise CNIError(INVALID_ENVIRONMENT, f"{command} needs {name}, which is missing or empty")
+    return value
+
+
+def attachment_from_env(env: Mapping[str, str], command: str) -> Attachment:
+    """The attachment from CNI_CONTAINERID and CNI_IFNAME, and for ADD and CHECK a non-empty
+    CNI_NETNS (coil never enters it). Code 4 for a missing variable, a container ID outside
+    ``[a-zA-Z0-9][a-zA-Z0-9_.-]*`` or an interface name Linux would refuse."""
+    container_id = _required(env, "CNI_CONTAINERID", command)
+    if not _CONTAINER_ID.fullmatch(container_id):
+        raise CNIError(
+            INVALID_ENVIRONMENT,
+            f"CNI_CONTAINERID {container_id!r} is not a valid container ID "
+            "(letters, digits, '_', '.', '-', not starting with a punctuation mark)",
+        )
+    ifname = _required(env, "CNI_IFNAME", command)
+    if (
+        len(ifname.encode()) > _IFNAME_MAX
+        or ifname in (".", "..")
+        or any(c in ifname for c in "/:")
+        or any(c.isspace() for c in ifname)
+    ):
+        raise CNIError(
+            INVALID_ENVIRONMENT,
+            f"CNI_IFNAME {ifname!r} is not a valid interface name "
+            "(at most 15 bytes, no '/', ':' or whitespace)",
+        )
+    if command in ("ADD", "CHECK"):
+        _required(env, "CNI_NETNS", command)
+    return Attachment(container_id=container_id, ifname=ifname)
+
+
+def valid_attachments(conf: Mapping[str, Any]) -> list[Attachment]:
+    """The attachments GC must keep, from ``cni.dev/valid-attachments``.
+
+    Code 7 if the key is missing (a GC without it would release every pod of the node) or if it is
+    not a list of objects with string "containerID" and "ifname".
+    """
+    key = "cni.dev/valid-attachments"
+    value = conf.get(key)
+    if value is None:
+        raise CNIError(INVALID_CONFIG, f"GC needs {key!r} in the configuration; it is missing")
+    if not isinstance(value, list):
+        raise CNIError(INVALID_CONFIG, f"{key} must be a list, got {json.dumps(value)}")
+    result = []
+    for item in value:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("containerID"), str)
+            or not isinstance(item.get("ifname"), str)
+        ):
+            raise CNIError(
+                INVALID_CONFIG,
+                f'{key} entries need string "containerID" and "ifname", got {json.dumps(item)}',
+            )
+        result.append(Attachment(container_id=item["containerID"], ifname=item["ifname"]))
+    return result
+
+
+def prev_result_addresses(conf: Mapping[str, Any]) -> list[str]:
+    """The addresses of ``prevResult.ips`` for CHECK; code 7 if prevResult is missing or
+    malformed."""
+    prev = conf.get("prevResult")
+    if not isinstance(prev, dict):
+        raise CNIError(
+            INVALID_CONFIG,
+            f"CHECK needs prevResult to be an object, got {json.dumps(prev)[:200]}",
+        )
+    ips = prev.get("ips", [])
+    if not isinstance(ips, list) or not all(
+        isinstance(ip, dict) and isinstance(ip.get("address"), str) for ip in ips
+    ):
+        raise CNIError(
+            INVALID_CONFIG,
+            'prevResult.ips must be a list of objects with an "address", '
+            f"got {json.dumps(ips)[:200]}",
+        )
+    return [ip["address"] for ip in ips]
+
+
+def same_addresses(held: list[str], expected: list[str]) -> bool:
+    """Whether two lists of CIDR addresses name the same set (spelling differences ignored)."""
+
+    def canonical(address: str) -> str:
+        try:
+            return str(ipaddress.ip_interface(address))
+        except ValueError:
+            return address
+
+    return sorted(map(canonical, held)) == sorted(map(canonical, expected))
+
+
+def ipam_result(cni_version: str, addresses: list[Address]) -> dict[str, Any]:
+    """The IPAM result for ``cni_version``: ips (with "version" before 1.0.0), a default route per
+    family present, empty dns, no interfaces."""
+    old = _version_key(cni_version) < (1, 0, 0)
+    ips: list[dict[str, str]] = []
+    families = set()
+    for addr in addresses:
+        family = "6" if ":" in addr.address else "4"
+        families.add(family)
+        ip = {"address": addr.address, "gateway": addr.gateway}
+        if old:
+            ip = {"version": family, **ip}
+        ips.append(ip)
+    routes = [
+        {"dst": dst} for family, dst in (("4", "0.0.0.0/0"), ("6", "::/0")) if family in families
+    ]
+    return {"cniVersion": cni_version, "ips": ips, "routes": routes, "dns": {}}
+
+
+def version_result() -> dict[str, Any]:
+    """What VERSION prints."""
+    return {"cniVersion": LATEST_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}

@@ -1,0 +1,121 @@
+"""Install the ``coil`` CNI plugin: ``python -m coil_cni.install [DEST_DIR]``, by default into
+/opt/cni/bin.
+
+Writes ``DEST_DIR/coil``, a small launcher run by this very interpreter with ``-IS`` (isolated, no
+``site``): ``site`` costs start-up time on every pod and would read the environment, but without it
+neither site-packages nor the editable install's path hooks are on ``sys.path``. So the launcher
+lists the real directories of coil_cni, the generated coil.v1 stubs, grpc and google.protobuf,
+found now from the imported modules. It also precompiles those packages, because a host that does
+not write bytecode would otherwise compile them again on every exec.
+
+The interpreter flags are written as one word ("-IS"): Linux passes everything after the
+interpreter path on a ``#!`` line as a single argument, and Python rejects "-I -S" as one argument.
+"""
+
+from __future__ import annotations
+
+import compileall
+import os
+import sys
+import tempfile
+from types import ModuleType
+
+DEFAULT_DEST = "/opt/cni/bin"
+
+
+def _root_of(module: ModuleType, levels: int) -> str:
+    """The sys.path entry ``module`` was imported from: its __file__ ``levels`` directories up."""
+    path = os.path.abspath(module.__file__ or "")
+    for _ in range(levels):
+        path = os.path.dirname(path)
+    return path
+
+
+def package_dirs() -> tuple[list[str], list[str]]:
+    """(sys.path entries the launcher needs, package directories to precompile)."""
+    import google.protobuf
+    import grpc
+
+    import coil.v1
+    import coil_cni
+
+    # (module, how deep its __init__.py lies below the sys.path entry, the package to precompile)
+    roots = [
+        (coil_cni, 2, _root_of(coil_cni, 1)),  # .../coil_cni/__init__.py
+        (coil.v1, 3, _root_of(coil.v1, 2)),  # .../coil/v1/__init__.py: precompile all of coil
+        (grpc, 2, _root_of(grpc, 1)),
+        (google.protobuf, 3, _root_of(google.protobuf, 1)),  # google/ may be a namespace package
+    ]
+    paths: list[str] = []
+    packages: list[str] = []
+    for module, levels, package in roots:
+        root = _root_of(module, levels)
+        if root not in paths:
+            paths.append(root)
+        packages.append(package)
+    try:  # grpc and protobuf import it when it is installed
+        import typing_extensions
+
+        packages.append(os.path.abspath(typing_extensions.__file__ or ""))
+        root = _root_of(typing_extensions, 1)
+        if root not in paths:
+            paths.append(root)
+    except ImportError:
+        pass
+    return paths, packages
+
+
+def launcher_text(interpreter: str, paths: list[str]) -> str:
+    """The launcher script for ``interpreter`` with ``paths`` put first on sys.path."""
+    return (
+        f"#!{interpreter} -IS\n"
+        '"""coil CNI IPAM plugin launcher, written by `python -m coil_cni.install`."""\n'
+        "import sys\n"
+        f"sys.path[0:0] = {paths!r}\n"
+        "from coil_cni.main import main\n"
+        "main()\n"
+    )
+
+
+def install(dest_dir: str) -> str:
+    """Write ``dest_dir/coil`` (atomically, mode 0755), precompile its packages; return its path.
+
+    Raises OSError if dest_dir cannot be written.
+    """
+    paths, packages = package_dirs()
+    interpreter = os.path.abspath(sys.executable)
+    for package in packages:
+        if os.path.isdir(package):
+            compileall.compile_dir(package, quiet=1)
+        else:
+            compileall.compile_file(package, quiet=1)
+    os.makedirs(dest_dir, exist_ok=True)
+    target = os.path.join(dest_dir, "coil")
+    # Replace, never rewrite in place: a runtime may be executing the old launcher right now.
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".coil.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(launcher_text(interpreter, paths))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"installed {target}: runs {interpreter} -IS with {paths} first on sys.path")
+    print(f"precompiled: {' '.join(packages)}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        print(
+            "usage: python -m coil_cni.install [DEST_DIR]  (default /opt/cni/bin)", file=sys.stderr
+        )
+        return 2
+    install(args[0] if args else DEFAULT_DEST)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
