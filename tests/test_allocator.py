@@ -369,3 +369,19 @@ def test_get_pool_lists_held_blocks_per_subnet(allocator: Allocator) -> None:
     assert [str(s.subnet) for s in only] == ["10.9.0.0/26"]
     with pytest.raises(errors.NotFound, match="not one of the pool"):
         allocator.get_pool("default", "10.7.0.0/24")
+
+
+def test_claim_specific_block(allocator: Allocator, store: EtcdStore, etcd_prefix: str) -> None:
+    allocator.create_pool("default", ["10.1.0.0/24"], 5)
+    got = allocator.claim_specific_block("node-a", "default", "10.1.0.64/27")
+    assert str(got.cidr) == "10.1.0.64/27"
+    again = allocator.claim_specific_block("node-a", "default", "10.1.0.64/27")
+    assert again.claim_revision == got.claim_revision
+    before = snapshot(store, etcd_prefix)
+    with pytest.raises(errors.AlreadyExists, match='held by node "node-a"'):
+        allocator.claim_specific_block("node-b", "default", "10.1.0.64/27")
+    with pytest.raises(errors.InvalidArgument, match='not a block of pool "default"'):
+        allocator.claim_specific_block("node-b", "default", "10.1.0.64/26")
+    with pytest.raises(errors.InvalidArgument, match='not a block of pool "default"'):
+        allocator.claim_specific_block("node-b", "default", "10.2.0.64/27")
+    assert snapshot(store, etcd_prefix) == before

@@ -315,6 +315,48 @@ class Allocator:
 
     # -- blocks -----------------------------------------------------------------------------
 
+    def claim_specific_block(self, node: str, pool_name: str, block_text: str) -> HeldBlock:
+        """Claim exactly the block `block_text` (CIDR) of a pool, for a static address request.
+
+        Returns the block; if `node` holds it already, returns it as held. Raises InvalidArgument
+        (bad names, not a block of the pool), NotFound (no such pool), AlreadyExists (another node
+        holds it), Conflict.
+        """
+        op = "block claim"
+        validate_node_name(node, op)
+        validate_pool_name(pool_name, op)
+        block = parse_block_key(block_text.replace("/", "_", 1), op)
+        for attempt in range(MAX_ATTEMPTS):
+            pool, pool_kv = self._load_pool(pool_name, op)
+            subnet = pool.subnet_of(block)
+            if subnet is None or block.prefixlen != block.max_prefixlen - pool.block_bits:
+                raise InvalidArgument(f'{op} "{block}": not a block of pool "{pool_name}"')
+            key = self.keys.block(pool_name, block)
+            now = self._now()
+            result = self.store.txn(
+                [unchanged(pool_kv.key, pool_kv.mod_revision), absent(key)],
+                [
+                    Put(key, node.encode()),
+                    Put(
+                        self.keys.node_block(node, pool_name, block),
+                        json.dumps({"claimed_at": now}).encode(),
+                    ),
+                ],
+                [Get(key), Get(self.keys.node_block(node, pool_name, block))],
+            )
+            if result.succeeded:
+                self._events.claimed(pool_name, attempt)
+                return HeldBlock(pool_name, block, node, result.revision, now, 0)
+            holder = _first(result.responses[0])
+            if holder is not None:
+                if holder.value.decode() != node:
+                    raise AlreadyExists(f'{op} "{block}": held by node "{holder.value.decode()}"')
+                index = _first(result.responses[1])
+                claimed_at = int(json.loads(index.value)["claimed_at"]) if index else 0
+                return HeldBlock(pool_name, block, node, holder.create_revision, claimed_at, 0)
+            self._backoff(attempt, "block claim")
+        raise Conflict(f'{op} "{block}": the pool kept changing; try again')
+
     def claim_block(
         self, node: str, pool_name: str, family: Family | None = None
     ) -> tuple[HeldBlock, int]:

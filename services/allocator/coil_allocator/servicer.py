@@ -15,9 +15,9 @@ from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
+
 from coil.v1 import allocator_pb2 as pb
 from coil.v1 import allocator_pb2_grpc as pb_grpc
-
 from coil_allocator import errors
 from coil_allocator.allocator import Allocator
 from coil_allocator.model import (
@@ -194,6 +194,9 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
 
     @_rpc("ClaimBlock")
     def ClaimBlock(self, request: pb.ClaimBlockRequest, context: Any) -> pb.ClaimBlockResponse:
+        if request.block:
+            held = self.allocator.claim_specific_block(request.node, request.pool, request.block)
+            return pb.ClaimBlockResponse(block=block_pb(held))
         family = _FAMILY_FROM_PB.get(request.family)
         if family is None and request.family != pb.FAMILY_UNSPECIFIED:
             raise errors.InvalidArgument(f"block claim: unknown family {request.family}")

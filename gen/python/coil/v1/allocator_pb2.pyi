@@ -571,22 +571,28 @@ class ClaimBlockRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
+    BLOCK_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Node claiming the block."""
     pool: _builtins.str
     """Pool to claim from."""
     family: Global___Family.ValueType
     """Family of the block."""
+    block: _builtins.str
+    """When set, claim exactly this block (CIDR form) or fail: ALREADY_EXISTS if another node holds
+    it, INVALID_ARGUMENT if it is not a block of the pool. Used for static address requests.
+    """
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         pool: _builtins.str = ...,
         family: Global___Family.ValueType = ...,
+        block: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "node", b"node", "pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "family", b"family", "node", b"node", "pool", b"pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
