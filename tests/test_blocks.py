@@ -9,6 +9,9 @@ import ipaddress
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from coil_allocator.blocks import (
     Address,
     BlockAddresses,
@@ -27,8 +30,6 @@ from coil_allocator.blocks import (
     validate_pool_name,
 )
 from coil_allocator.errors import AlreadyExists, InvalidArgument, PoolExhausted
-from hypothesis import given
-from hypothesis import strategies as st
 
 OP = "pool create"
 

