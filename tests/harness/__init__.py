@@ -1,1 +1,1 @@
-"""Helpers that start real parts (etcd, allocator, coild, BIRD, namespaces) for tests and the demo."""
+"""Helpers that start real parts (etcd, allocator, coild, BIRD, namespaces) for tests, demo."""
