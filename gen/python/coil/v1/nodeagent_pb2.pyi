@@ -65,7 +65,9 @@ class PodAddress(_message.Message):
     address: _builtins.str
     """Address in CIDR form with the prefix length the pod uses, e.g. "10.100.0.33/16"."""
     gateway: _builtins.str
-    """Gateway the pod routes through ("169.254.1.1" or "fe80::1" by default)."""
+    """Gateway the pod routes through: the first address after its pool subnet's network address,
+    reserved in every subnet; the main plugin puts it on the host side of the pod's link.
+    """
     pool: _builtins.str
     """Pool the address came from."""
     def __init__(

@@ -1,0 +1,710 @@
+"""The node agent: hands pod addresses out of this node's blocks, has each recorded durably by the
+allocator before answering, claims and returns blocks, and keeps the node's routes in sync.
+
+Concurrency: one lock guards `NodeState`; no RPC is made while holding it. Records and releases go
+through two `GroupCommitter`s, so concurrent pods share allocator calls. Block claims for one pool
+and family are serialised, so a burst of pods that fills a block causes one claim, not many.
+A background thread (`maintain`) keeps a spare block once usage crosses a threshold, returns
+blocks that stayed empty for a grace period (keeping the last block of each pool and family),
+refreshes the pool list and re-syncs routes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from coil.v1 import allocator_pb2 as apb
+from coil_allocator.blocks import Address, Network
+from coild.allocator_client import AllocatorClient
+from coild.batcher import GroupCommitter
+from coild.errors import (
+    AddressTaken,
+    AllocatorRejected,
+    AllocatorUnavailable,
+    Exhausted,
+    InvalidRequest,
+    NodeAgentError,
+    NoPool,
+    NotHeld,
+)
+from coild.state import Allocation, Attachment, AttachmentKey, NodeBlock, NodeState
+
+log = logging.getLogger("coild")
+
+MAX_ALLOCATE_ROUNDS = 4
+"""How often an allocation picks again after its choice proved stale (address recorded by someone
+else, or block taken away)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    spare_threshold: float = 0.8
+    """Claim a spare block when this share of a pool's addresses on the node is in use."""
+    release_grace: float = 60.0
+    """Give back a block that has been empty this many seconds (keeping the last one)."""
+    maintain_interval: float = 2.0
+    pool_refresh: float = 10.0
+    route_resync: float = 30.0
+    max_batch: int = 128
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    name: str
+    subnets: tuple[Network, ...]
+    block_bits: int
+
+    def families(self) -> list[int]:
+        return sorted({s.version for s in self.subnets})
+
+    def subnet_of(self, address: Address) -> Network | None:
+        for s in self.subnets:
+            if s.version == address.version and address in s:
+                return s
+        return None
+
+    def reserved(self) -> list[Address]:
+        """Addresses never handed to pods: each subnet's network address, its gateway, and for
+        IPv4 its broadcast address."""
+        out: list[Address] = []
+        for s in self.subnets:
+            if s.num_addresses > 4:
+                out += [s.network_address, gateway_of(s)]
+                if s.version == 4:
+                    out.append(s.broadcast_address)
+        return out
+
+
+def gateway_of(subnet: Network) -> Address:
+    """The pods' gateway in a pool subnet: its first address after the network address.
+
+    The main plugin (ptp) puts it on the host side of every pod's veth as a /32 (/128), so the
+    same address serves as gateway on every node; it must lie inside the prefix the pod gets,
+    because the pod's default route goes through it without an on-link flag.
+    """
+    return subnet.network_address + 1
+
+
+@dataclass(frozen=True)
+class PodAddress:
+    address: Address
+    prefixlen: int
+    gateway: str
+    pool: str
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+
+@dataclass(frozen=True)
+class AllocateRequest:
+    container_id: str
+    interface: str
+    namespace: str
+    pod: str
+    requested: tuple[Address, ...] = ()
+
+
+class RouteSink(Protocol):
+    def sync(self, desired: set[Network]) -> object: ...
+
+
+class AgentEvents(Protocol):
+    def allocated(self, pool: str, seconds: float) -> None: ...
+
+    def released(self, count: int) -> None: ...
+
+    def failed(self, operation: str, kind: str) -> None: ...
+
+    def batch(self, kind: str, size: int) -> None: ...
+
+
+class _NoEvents:
+    def allocated(self, pool: str, seconds: float) -> None:
+        pass
+
+    def released(self, count: int) -> None:
+        pass
+
+    def failed(self, operation: str, kind: str) -> None:
+        pass
+
+    def batch(self, kind: str, size: int) -> None:
+        pass
+
+
+class NodeAgent:
+    """One node's allocator of pod addresses. Thread-safe."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        allocator: AllocatorClient,
+        routes: RouteSink,
+        *,
+        events: AgentEvents | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.routes = routes
+        self.events = events or _NoEvents()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.state = NodeState()
+        self._pools: dict[str, PoolInfo] = {}
+        self._pools_at = -1e9
+        self._claim_locks: dict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
+        self._routes_lock = threading.Lock()
+        self._routes_dirty = threading.Event()
+        self.ready = threading.Event()
+        self.routes_synced = False
+        self.allocator_ok = False
+        self._stop = threading.Event()
+        self._records = GroupCommitter(
+            "record-batches",
+            self._commit_records,
+            config.max_batch,
+            lambda n: self.events.batch("record", n),
+        )
+        self._releases = GroupCommitter(
+            "release-batches",
+            self._commit_releases,
+            config.max_batch,
+            lambda n: self.events.batch("release", n),
+        )
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> None:
+        """Rebuild state from the allocator (retrying until it answers), sync routes, then keep
+        maintaining in the background. With `wait`, returns once ready."""
+        self._thread = threading.Thread(target=self._run, name="maintain", daemon=True)
+        self._thread.start()
+        if wait:
+            self.ready.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._routes_dirty.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        self._records.stop()
+        self._releases.stop()
+
+    def _run(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set() and not self.ready.is_set():
+            try:
+                self.rebuild()
+                self.ready.set()
+            except NodeAgentError as e:
+                log.warning("start: cannot rebuild state yet: %s", e)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        last_maintain = 0.0
+        last_routes = self._clock()
+        while not self._stop.is_set():
+            self._routes_dirty.wait(timeout=self.config.maintain_interval)
+            if self._stop.is_set():
+                return
+            now = self._clock()
+            if self._routes_dirty.is_set() or now - last_routes >= self.config.route_resync:
+                self._routes_dirty.clear()
+                self.sync_routes()
+                last_routes = now
+            if now - last_maintain >= self.config.maintain_interval:
+                last_maintain = now
+                try:
+                    self.maintain()
+                except NodeAgentError as e:
+                    log.warning("maintain: %s", e)
+
+    def rebuild(self) -> None:
+        """Load this node's blocks and records from the allocator into memory; sync routes."""
+        self._refresh_pools(force=True)
+        answer = self.allocator.node_blocks(self.config.node)
+        state = NodeState()
+        now = self._clock()
+        by_block: dict[tuple[str, str], list[apb.AllocationRecord]] = defaultdict(list)
+        for r in answer.records:
+            by_block[(r.pool, r.block)].append(r)
+        for b in answer.blocks:
+            records = by_block[(b.pool, b.cidr)]
+            pool = self._pools.get(b.pool)
+            used = [ipaddress.ip_address(r.address) for r in records]
+            state.add_block(
+                b.pool,
+                ipaddress.ip_network(b.cidr),
+                b.claim_revision,
+                reserved=pool.reserved() if pool else (),
+                used=used,
+                # Records come oldest first: continue the round robin after the newest.
+                last=used[-1] if used else None,
+                now=now,
+            )
+        for r in answer.records:
+            key = (r.owner.container_id, r.owner.interface)
+            attachment = state.attachments.get(key)
+            if attachment is None:
+                attachment = Attachment(
+                    r.owner.container_id, r.owner.interface, r.owner.namespace, r.owner.pod
+                )
+                attachment.done.set()
+                state.attachments[key] = attachment
+            attachment.allocations.append(
+                Allocation(ipaddress.ip_address(r.address), r.pool, ipaddress.ip_network(r.block))
+            )
+        with self._lock:
+            self.state = state
+        self.allocator_ok = True
+        log.info(
+            "rebuilt state: %d blocks, %d attachments", len(state.blocks), len(state.attachments)
+        )
+        self.sync_routes()
+
+    def sync_routes(self) -> None:
+        """Make the kernel table hold exactly this node's blocks."""
+        with self._lock:
+            desired = self.state.routes()
+        with self._routes_lock:
+            try:
+                self.routes.sync(desired)
+                self.routes_synced = True
+            except NodeAgentError as e:
+                self.routes_synced = False
+                log.error("route sync failed: %s", e)
+
+    # -- pools ------------------------------------------------------------------------------
+
+    def _refresh_pools(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._pools_at < 1.0:
+            return
+        try:
+            pools = self.allocator.list_pools()
+        except AllocatorUnavailable:
+            self.allocator_ok = False
+            raise
+        self.allocator_ok = True
+        self._pools = {
+            p.name: PoolInfo(
+                p.name, tuple(ipaddress.ip_network(s) for s in p.subnets), p.block_size_bits
+            )
+            for p in pools
+        }
+        self._pools_at = now
+
+    def pool_for(self, namespace: str) -> PoolInfo:
+        """The pool named like the namespace if it exists, else "default"; else NoPool."""
+        if namespace not in self._pools:
+            try:
+                self._refresh_pools()
+            except AllocatorUnavailable:
+                if not self._pools:
+                    raise
+        pool = self._pools.get(namespace) or self._pools.get("default")
+        if pool is None:
+            raise NoPool(
+                f'no pool serves namespace "{namespace}": create a pool named "{namespace}" '
+                'or "default"'
+            )
+        return pool
+
+    def pools(self) -> list[str]:
+        return sorted(self._pools)
+
+    # -- allocate ---------------------------------------------------------------------------
+
+    def allocate(self, request: AllocateRequest) -> list[PodAddress]:
+        """Addresses for an attachment: one per family of its pool, or the requested ones.
+
+        Idempotent: a repeated request gets the attachment's addresses. Answers only after the
+        records are committed. Raises InvalidRequest, NoPool, Exhausted, AddressTaken,
+        AllocatorUnavailable.
+        """
+        self._require_ready()
+        started = self._clock()
+        key = (request.container_id, request.interface)
+        existing = self._existing(key)
+        if existing is not None:
+            return self._pod_addresses(existing)
+        pool = self.pool_for(request.namespace)
+        targets: list[tuple[int, Address | None]]
+        if request.requested:
+            targets = []
+            for address in request.requested:
+                if pool.subnet_of(address) is None:
+                    raise InvalidRequest(
+                        f'requested address "{address}" is not in pool "{pool.name}" '
+                        f"({', '.join(map(str, pool.subnets))}), the pool of namespace "
+                        f'"{request.namespace}"'
+                    )
+                if any(f == address.version for f, _ in targets):
+                    raise InvalidRequest(
+                        f"requested addresses {', '.join(map(str, request.requested))}: "
+                        "at most one per family"
+                    )
+                targets.append((address.version, address))
+        else:
+            targets = [(f, None) for f in pool.families()]
+        attachment = Attachment(
+            request.container_id, request.interface, request.namespace, request.pod
+        )
+        with self._lock:
+            if key in self.state.attachments:
+                attachment = self.state.attachments[key]
+                racing = True
+            else:
+                self.state.attachments[key] = attachment
+                racing = False
+        if racing:
+            existing = self._existing(key)
+            if existing is None:
+                raise AllocatorUnavailable(
+                    f"allocate {request.container_id}/{request.interface}: a concurrent request "
+                    "for the same attachment failed; try again"
+                )
+            return self._pod_addresses(existing)
+        try:
+            allocations = self._allocate_targets(pool, targets, attachment)
+        except BaseException:
+            with self._lock:
+                attachment.failed = True
+                self.state.attachments.pop(key, None)
+            attachment.done.set()
+            raise
+        with self._lock:
+            attachment.allocations = allocations
+        attachment.done.set()
+        self.events.allocated(pool.name, self._clock() - started)
+        return self._pod_addresses(attachment)
+
+    def _require_ready(self) -> None:
+        if not self.ready.is_set():
+            raise AllocatorUnavailable(
+                "coild is starting: its state is not rebuilt from the allocator yet"
+            )
+
+    def _existing(self, key: AttachmentKey) -> Attachment | None:
+        with self._lock:
+            attachment = self.state.attachments.get(key)
+        if attachment is None:
+            return None
+        # A concurrent request for the same attachment is in flight: its answer is ours.
+        if not attachment.done.wait(timeout=60) or attachment.failed:
+            return None
+        return attachment
+
+    def _pod_addresses(self, attachment: Attachment) -> list[PodAddress]:
+        out = []
+        for a in attachment.allocations:
+            pool = self._pools.get(a.pool)
+            subnet = (pool.subnet_of(a.address) if pool else None) or a.block
+            # The pod gets its pool subnet's prefix, so that the gateway is on-link.
+            out.append(PodAddress(a.address, subnet.prefixlen, str(gateway_of(subnet)), a.pool))
+        return out
+
+    def _allocate_targets(
+        self, pool: PoolInfo, targets: list[tuple[int, Address | None]], attachment: Attachment
+    ) -> list[Allocation]:
+        """Choose, record, and on stale choices choose again; all families or none."""
+        done: dict[int, Allocation] = {}
+        pending = list(targets)
+        try:
+            for _ in range(MAX_ALLOCATE_ROUNDS):
+                if not pending:
+                    break
+                chosen = [(f, want, self._reserve(pool, f, want)) for f, want in pending]
+                futures = [
+                    self._records.submit(self._record_item(pool.name, block, address, attachment))
+                    for _, _, (block, address) in chosen
+                ]
+                retry: list[tuple[int, Address | None]] = []
+                first_error: NodeAgentError | None = None
+                for (family, want, (block, address)), future in zip(chosen, futures, strict=True):
+                    try:
+                        result = future.result()
+                    except NodeAgentError as e:
+                        self._unreserve(pool.name, address)
+                        first_error = first_error or e
+                        continue
+                    outcome = self._settle(pool, block, address, want, result)
+                    if isinstance(outcome, Allocation):
+                        done[family] = outcome
+                    elif isinstance(outcome, NodeAgentError):
+                        first_error = first_error or outcome
+                    else:
+                        retry.append((family, want))
+                if first_error is not None:
+                    raise first_error
+                pending = retry
+            if pending:
+                raise AllocatorUnavailable(
+                    f"allocate {attachment.container_id}/{attachment.interface}: choices kept "
+                    "turning out stale; try again"
+                )
+        except BaseException:
+            # Half-done: give back what was recorded, so a failed family leaves nothing behind.
+            if done:
+                self._release_allocations(attachment, list(done.values()))
+            raise
+        return [done[f] for f, _ in targets]
+
+    def _record_item(
+        self, pool: str, block: NodeBlock, address: Address, attachment: Attachment
+    ) -> apb.RecordItem:
+        return apb.RecordItem(
+            address=str(address),
+            pool=pool,
+            block=str(block.cidr),
+            owner=apb.Owner(
+                namespace=attachment.namespace,
+                pod=attachment.pod,
+                container_id=attachment.container_id,
+                interface=attachment.interface,
+            ),
+        )
+
+    def _settle(
+        self,
+        pool: PoolInfo,
+        block: NodeBlock,
+        address: Address,
+        want: Address | None,
+        result: apb.RecordResult,
+    ) -> Allocation | str | NodeAgentError:
+        """Turn one record result into an allocation, "retry", or an error."""
+        outcome = result.outcome
+        if outcome == apb.RECORD_OUTCOME_RECORDED:
+            return Allocation(address, pool.name, block.cidr)
+        if outcome == apb.RECORD_OUTCOME_EXISTING:
+            # The attachment already held an address (a request whose answer was lost): keep it.
+            self._unreserve(pool.name, address)
+            existing = ipaddress.ip_address(result.record.address)
+            with self._lock:
+                held = self.state.block_of(result.record.pool, existing)
+                if held is not None and existing not in held.addresses:
+                    held.addresses.take(existing)
+            return Allocation(
+                existing, result.record.pool, ipaddress.ip_network(result.record.block)
+            )
+        if outcome == apb.RECORD_OUTCOME_ADDRESS_IN_USE:
+            # Someone holds it that we did not know of: leave it marked used and choose again.
+            if want is not None:
+                return AddressTaken(f'requested address "{address}" is in use: {result.message}')
+            log.warning("address %s was recorded elsewhere: %s", address, result.message)
+            return "retry"
+        if outcome == apb.RECORD_OUTCOME_BLOCK_NOT_HELD:
+            log.warning("block %s is no longer ours: %s", block.cidr, result.message)
+            with self._lock:
+                self.state.drop_block(block.pool, block.cidr)
+            self._routes_dirty.set()
+            return "retry"
+        self._unreserve(pool.name, address)
+        return AllocatorRejected(result.message or "record refused")
+
+    def _reserve(
+        self, pool: PoolInfo, family: int, want: Address | None
+    ) -> tuple[NodeBlock, Address]:
+        """Take an address in memory: the wanted one, or the next free one, claiming a block when
+        needed. Raises AddressTaken, InvalidRequest, Exhausted, AllocatorUnavailable."""
+        now = self._clock()
+        if want is not None:
+            with self._lock:
+                block = self.state.take(pool.name, want)
+            if block is not None:
+                return block, want
+            cidr = ipaddress.ip_network(
+                f"{want}/{want.max_prefixlen - pool.block_bits}", strict=False
+            )
+            self._claim(pool, family, str(cidr))
+            with self._lock:
+                block = self.state.take(pool.name, want)
+            if block is None:
+                raise AllocatorUnavailable(f'address "{want}": its block vanished; try again')
+            return block, want
+        with self._lock:
+            chosen = self.state.choose(pool.name, family, now)
+        if chosen is not None:
+            return chosen
+        with self._claim_locks[(pool.name, family)]:
+            # Another request may have claimed while we waited for the lock.
+            with self._lock:
+                chosen = self.state.choose(pool.name, family, now)
+            if chosen is not None:
+                return chosen
+            self._claim(pool, family)
+            with self._lock:
+                chosen = self.state.choose(pool.name, family, now)
+            if chosen is None:
+                raise Exhausted(f'pool "{pool.name}": no free IPv{family} address on this node')
+            return chosen
+
+    def _claim(self, pool: PoolInfo, family: int, block: str = "") -> NodeBlock:
+        """Claim a block from the allocator and hold it; routes follow in the background."""
+        try:
+            claimed = self.allocator.claim_block(self.config.node, pool.name, family, block)
+        except Exhausted as e:
+            self.events.failed("claim", "exhausted")
+            raise Exhausted(f'pool "{pool.name}" exhausted: {e}') from None
+        with self._lock:
+            held = self.state.add_block(
+                pool.name,
+                ipaddress.ip_network(claimed.cidr),
+                claimed.claim_revision,
+                reserved=pool.reserved(),
+                now=self._clock(),
+            )
+        log.info("claimed block %s of pool %s", claimed.cidr, pool.name)
+        self._routes_dirty.set()
+        return held
+
+    def _unreserve(self, pool: str, address: Address) -> None:
+        with self._lock:
+            self.state.free(pool, address, self._clock())
+
+    # -- release ----------------------------------------------------------------------------
+
+    def release(self, container_id: str, interface: str) -> list[Address]:
+        """Release an attachment's addresses; succeeds (with none) if it holds nothing.
+
+        Raises AllocatorUnavailable (nothing is freed then; the runtime retries DEL).
+        """
+        self._require_ready()
+        attachment = self._existing((container_id, interface))
+        if attachment is None:
+            return []
+        self._release_allocations(attachment, attachment.allocations)
+        with self._lock:
+            self.state.attachments.pop(attachment.key, None)
+        self.events.released(len(attachment.allocations))
+        return [a.address for a in attachment.allocations]
+
+    def _release_allocations(self, attachment: Attachment, allocations: list[Allocation]) -> None:
+        futures = [
+            self._releases.submit(
+                apb.ReleaseItem(
+                    address=str(a.address),
+                    container_id=attachment.container_id,
+                    interface=attachment.interface,
+                )
+            )
+            for a in allocations
+        ]
+        for a, future in zip(allocations, futures, strict=True):
+            result = future.result()
+            if result.outcome == apb.RELEASE_OUTCOME_OWNER_MISMATCH:
+                # Recorded for someone else: not ours to free in memory either.
+                log.warning("release %s: %s", a.address, result.message)
+                continue
+            self._unreserve(a.pool, a.address)
+
+    def check(self, container_id: str, interface: str) -> list[PodAddress]:
+        """The attachment's addresses; NotHeld if it holds none."""
+        self._require_ready()
+        attachment = self._existing((container_id, interface))
+        if attachment is None:
+            raise NotHeld(f"attachment {container_id}/{interface} holds no address on this node")
+        return self._pod_addresses(attachment)
+
+    def garbage_collect(self, valid: set[AttachmentKey]) -> list[AttachmentKey]:
+        """Release every committed attachment not in `valid`; returns those released."""
+        self._require_ready()
+        with self._lock:
+            stale = [a for a in self.state.committed() if a.key not in valid]
+        released = []
+        for attachment in stale:
+            self.release(attachment.container_id, attachment.interface)
+            released.append(attachment.key)
+        return released
+
+    # -- batching ---------------------------------------------------------------------------
+
+    def _commit_records(self, items: Sequence[apb.RecordItem]) -> list[apb.RecordResult]:
+        return self.allocator.record(self.config.node, items)
+
+    def _commit_releases(self, items: Sequence[apb.ReleaseItem]) -> list[apb.ReleaseResult]:
+        return self.allocator.release(self.config.node, items)
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        """Refresh pools, claim spare blocks where usage crossed the threshold, and return
+        blocks empty for longer than the grace period (never the last of a pool and family)."""
+        self._refresh_pools(force=self._clock() - self._pools_at >= self.config.pool_refresh)
+        now = self._clock()
+        with self._lock:
+            groups = sorted({(b.pool, b.family) for b in self.state.blocks})
+        for pool_name, family in groups:
+            pool = self._pools.get(pool_name)
+            with self._lock:
+                used, capacity = self.state.usage(pool_name, family)
+            if pool is not None and capacity and used >= self.config.spare_threshold * capacity:
+                with self._claim_locks[(pool_name, family)]:
+                    with self._lock:
+                        used, capacity = self.state.usage(pool_name, family)
+                    if used >= self.config.spare_threshold * capacity:
+                        with contextlib.suppress(Exhausted):
+                            self._claim(pool, family)
+                continue
+            self._return_empty(pool_name, family, now)
+
+    def _return_empty(self, pool_name: str, family: int, now: float) -> None:
+        with self._claim_locks[(pool_name, family)]:
+            with self._lock:
+                blocks = self.state.blocks_of(pool_name, family)
+                used, capacity = self.state.usage(pool_name, family)
+                candidates = [
+                    b
+                    for b in blocks
+                    if b.addresses.is_empty
+                    and b.empty_since is not None
+                    and now - b.empty_since >= self.config.release_grace
+                ]
+                # Keep the last block, and never return one if that would call for a spare.
+                victims = []
+                remaining = len(blocks)
+                for b in reversed(candidates):  # youngest first
+                    if remaining <= 1:
+                        break
+                    left = capacity - b.addresses.capacity
+                    if left <= 0 or used >= self.config.spare_threshold * left:
+                        break
+                    b.retiring = True
+                    victims.append(b)
+                    remaining -= 1
+                    capacity = left
+            for b in victims:
+                try:
+                    self.allocator.release_block(self.config.node, b.pool, str(b.cidr))
+                except NodeAgentError as e:
+                    log.warning("return block %s: %s", b.cidr, e)
+                    with self._lock:
+                        b.retiring = False
+                    continue
+                with self._lock:
+                    self.state.drop_block(b.pool, b.cidr)
+                log.info("returned empty block %s of pool %s", b.cidr, b.pool)
+                self._routes_dirty.set()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> list[str]:
+        """Pools this node can serve; AllocatorUnavailable or NoPool when it cannot serve."""
+        self._require_ready()
+        self._refresh_pools(force=True)
+        if not self._pools:
+            raise NoPool("no pool exists: create one with coilctl pool create")
+        return self.pools()

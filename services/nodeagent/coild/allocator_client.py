@@ -1,0 +1,121 @@
+"""coild's client of the allocator: each method is one RPC with a deadline, and gRPC statuses
+become coild's domain errors here, once.
+
+UNAVAILABLE and DEADLINE_EXCEEDED become `AllocatorUnavailable`; RESOURCE_EXHAUSTED `Exhausted`;
+ALREADY_EXISTS `AddressTaken`; NOT_FOUND `NoPool` for pool look-ups; everything else
+`AllocatorRejected` with the allocator's message. Nothing is retried here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from coil.v1 import allocator_pb2 as pb
+from coil.v1 import allocator_pb2_grpc as pb_grpc
+from coild.errors import (
+    AddressTaken,
+    AllocatorRejected,
+    AllocatorUnavailable,
+    Exhausted,
+    InvalidRequest,
+    NodeAgentError,
+    NoPool,
+)
+
+T = TypeVar("T")
+
+_ERRORS: dict[grpc.StatusCode, type[NodeAgentError]] = {
+    grpc.StatusCode.UNAVAILABLE: AllocatorUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: AllocatorUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Exhausted,
+    grpc.StatusCode.ALREADY_EXISTS: AddressTaken,
+    grpc.StatusCode.NOT_FOUND: NoPool,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+}
+
+
+class AllocatorClient:
+    """Thread-safe; one channel for the life of coild (gRPC reconnects by itself)."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+            # Reconnect quickly after the allocator restarts.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        self._channel = (
+            grpc.secure_channel(address, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(address, options=options)
+        )
+        self._stub = pb_grpc.AllocatorServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, what: str, fn: Callable[..., T], request: Any) -> T:
+        try:
+            return fn(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            code = e.code()
+            cls = _ERRORS.get(code, AllocatorRejected)
+            if cls is AllocatorUnavailable:
+                raise AllocatorUnavailable(
+                    f"{what}: allocator at {self.address} unreachable ({code.name}): {e.details()}"
+                ) from None
+            raise cls(e.details() or f"{what}: {code.name}") from None
+
+    def list_pools(self) -> list[pb.Pool]:
+        return list(self._call("list pools", self._stub.ListPools, pb.ListPoolsRequest()).pools)
+
+    def claim_block(self, node: str, pool: str, family: int, block: str = "") -> pb.Block:
+        """family: 4 or 6. With `block`, claim exactly that block."""
+        request = pb.ClaimBlockRequest(
+            node=node,
+            pool=pool,
+            family=pb.FAMILY_IPV4 if family == 4 else pb.FAMILY_IPV6,
+            block=block,
+        )
+        return self._call("claim block", self._stub.ClaimBlock, request).block
+
+    def release_block(self, node: str, pool: str, block: str) -> None:
+        self._call(
+            "release block",
+            self._stub.ReleaseBlock,
+            pb.ReleaseBlockRequest(node=node, pool=pool, block=block),
+        )
+
+    def node_blocks(self, node: str) -> pb.ListNodeBlocksResponse:
+        return self._call(
+            "list node blocks",
+            self._stub.ListNodeBlocks,
+            pb.ListNodeBlocksRequest(node=node, with_records=True),
+        )
+
+    def record(self, node: str, items: Sequence[pb.RecordItem]) -> list[pb.RecordResult]:
+        response = self._call(
+            "record allocations",
+            self._stub.RecordAllocations,
+            pb.RecordAllocationsRequest(node=node, items=items),
+        )
+        return list(response.results)
+
+    def release(self, node: str, items: Sequence[pb.ReleaseItem]) -> list[pb.ReleaseResult]:
+        response = self._call(
+            "release allocations",
+            self._stub.ReleaseAllocations,
+            pb.ReleaseAllocationsRequest(node=node, items=items),
+        )
+        return list(response.results)

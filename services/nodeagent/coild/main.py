@@ -1,0 +1,157 @@
+"""`coild`: coil's node agent, one per node. Every flag can also be set through the environment
+variable shown in --help."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+log = logging.getLogger("coild")
+
+FLAGS = (
+    # flag, env, default, help
+    ("--node-name", "COIL_NODE_NAME", "", "this node's name (required)"),
+    ("--allocator", "COIL_ALLOCATOR", "127.0.0.1:9380", 'allocator: "host:port" or "unix:PATH"'),
+    ("--socket", "COILD_SOCKET", "/run/coild.sock", "UNIX socket for the CNI plugin"),
+    ("--table-id", "COILD_TABLE_ID", "119", "kernel routing table to export blocks to"),
+    ("--protocol-id", "COILD_PROTOCOL_ID", "30", "route protocol number of exported routes"),
+    (
+        "--metrics-addr",
+        "COILD_METRICS_ADDR",
+        "127.0.0.1:9384",
+        '/metrics, /healthz, /readyz; ""=off',
+    ),
+    ("--spare-threshold", "COILD_SPARE_THRESHOLD", "0.8", "claim a spare block at this usage"),
+    ("--release-grace", "COILD_RELEASE_GRACE", "60", "seconds a block stays empty before return"),
+    ("--allocator-timeout", "COILD_ALLOCATOR_TIMEOUT", "5", "seconds per allocator request"),
+    ("--allocator-tls-ca", "COILD_ALLOCATOR_TLS_CA", "", "CA of the allocator's certificate"),
+    (
+        "--allocator-tls-cert",
+        "COILD_ALLOCATOR_TLS_CERT",
+        "",
+        "client certificate for the allocator",
+    ),
+    ("--allocator-tls-key", "COILD_ALLOCATOR_TLS_KEY", "", "client key for the allocator"),
+    ("--log-level", "COILD_LOG_LEVEL", "info", "debug, info, warning or error"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="coild", description="coil's node agent.")
+    for flag, env, default, text in FLAGS:
+        parser.add_argument(
+            flag,
+            default=os.environ.get(env, default),
+            help=f"{text} (env {env}; default {default!r})",
+        )
+    args = parser.parse_args(argv)
+    if not args.node_name:
+        parser.error("--node-name (or COIL_NODE_NAME) is required")
+    for name, kind, low, high in (
+        ("table_id", int, 1, 2**32 - 1),
+        ("protocol_id", int, 5, 255),
+        ("spare_threshold", float, 0.01, 1.0),
+        ("release_grace", float, 0.0, 86400 * 365),
+        ("allocator_timeout", float, 0.1, 600.0),
+    ):
+        raw = getattr(args, name)
+        try:
+            value = kind(raw)
+            if not low <= value <= high:
+                raise ValueError
+        except ValueError:
+            parser.error(
+                f"--{name.replace('_', '-')} {raw!r}: must be a number from {low} to {high}"
+            )
+        setattr(args, name, value)
+    if args.table_id in (253, 254, 255):
+        parser.error(f"--table-id {args.table_id}: that is a kernel table (default, main, local)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+        stream=sys.stderr,
+    )
+    import grpc
+
+    from coild.agent import AgentConfig, NodeAgent
+    from coild.allocator_client import AllocatorClient
+    from coild.observe import AgentMetrics, serve_http
+    from coild.routes import RouteExporter
+    from coild.server import serve
+
+    credentials = None
+    if args.allocator_tls_ca or args.allocator_tls_cert:
+
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        credentials = grpc.ssl_channel_credentials(
+            read(args.allocator_tls_ca), read(args.allocator_tls_key), read(args.allocator_tls_cert)
+        )
+    metrics = AgentMetrics()
+    agent = NodeAgent(
+        AgentConfig(
+            node=args.node_name,
+            spare_threshold=args.spare_threshold,
+            release_grace=args.release_grace,
+        ),
+        AllocatorClient(args.allocator, args.allocator_timeout, credentials),
+        RouteExporter(args.table_id, args.protocol_id),
+        events=metrics,
+    )
+
+    def blocks() -> list[tuple[str, int, int, int]]:
+        return [
+            (b.pool, b.family, b.addresses.used_count, b.addresses.capacity)
+            for b in list(agent.state.blocks)
+        ]
+
+    metrics.watch_blocks(blocks)
+
+    def readiness() -> str | None:
+        if not agent.ready.is_set():
+            return "state not rebuilt from the allocator yet"
+        if not agent.allocator_ok:
+            return f"allocator at {args.allocator} unreachable"
+        if not agent.routes_synced:
+            return f"routes not synced to table {args.table_id}"
+        return None
+
+    http = serve_http(args.metrics_addr, metrics.registry, readiness) if args.metrics_addr else None
+    agent.start(wait=False)
+    server = serve(agent, args.socket, observe=metrics.observe_rpc)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info(
+        "node %s serving on %s; allocator %s; routes to table %d proto %d",
+        args.node_name,
+        args.socket,
+        args.allocator,
+        args.table_id,
+        args.protocol_id,
+    )
+    stop.wait()
+    log.info("stopping")
+    # Routes stay: pods keep their addresses across a coild restart.
+    server.stop(grace=5).wait()
+    agent.stop()
+    if http:
+        http.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
