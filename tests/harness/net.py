@@ -6,6 +6,7 @@ the demo "coild-"), so `cleanup_prefix` can remove the leftovers of a run that w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -83,10 +84,8 @@ class Netns:
         # Killing what still runs inside first lets the namespace go at once.
         pids = run("ip", "netns", "pids", self.name, check=False).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
         run("ip", "netns", "del", self.name, check=False)
 
 
