@@ -256,3 +256,14 @@ def test_200_nodes_race_through_two_replicas(
         for store, server, _ in replicas:
             server.stop(None)
             store.close()
+
+
+def test_huge_ipv6_pool_counts_saturate(stub: pb_grpc.AllocatorServiceStub) -> None:
+    """A /48 of single-address blocks has 2^80 of them: usage and pool show still answer."""
+    stub.CreatePool(pb.CreatePoolRequest(name="big", subnets=["fd01::/48"], block_size_bits=0))
+    stub.CreatePool(pb.CreatePoolRequest(name="small", subnets=["10.1.0.0/24"], block_size_bits=5))
+    usage = {u.pool: u for u in stub.GetUsage(pb.GetUsageRequest()).usage}
+    assert usage["big"].blocks_total == 2**64 - 1 and usage["big"].addresses_total == 2**64 - 1
+    assert usage["small"].blocks_total == 8
+    shown = stub.GetPool(pb.GetPoolRequest(name="big"))
+    assert shown.subnets[0].total_blocks == 2**64 - 1

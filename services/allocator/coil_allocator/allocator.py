@@ -174,8 +174,8 @@ class Allocator:
     def create_pool(self, name: str, subnets: Sequence[str], block_bits: int) -> Pool:
         """Create a pool.
 
-        Raises InvalidArgument (bad name, subnet or block size; no subnet), AlreadyExists (name
-        taken, or a subnet overlaps any pool's subnet or another given subnet), Conflict.
+        Raises InvalidArgument (bad name, subnet or block size; no subnet; two given subnets
+        overlap), AlreadyExists (name taken, or a subnet overlaps another pool's), Conflict.
         """
         op = "pool create"
         validate_pool_name(name, op)
@@ -185,8 +185,8 @@ class Allocator:
             raise InvalidArgument(f'{op} "{name}": block size {block_bits} is negative')
         parsed: list[Network] = []
         for text in subnets:
-            subnet = parse_subnet(text, op)
-            validate_block_size(subnet, block_bits, op)
+            subnet = parse_subnet(text, f'{op} "{name}" subnet')
+            validate_block_size(subnet, block_bits, f'{op} "{name}"')
             clash = find_overlap(subnet, [(name, s) for s in parsed])
             if clash:
                 raise InvalidArgument(f'{op} "{name}": subnets "{clash[1]}" and "{subnet}" overlap')
@@ -222,13 +222,13 @@ class Allocator:
         """Add a subnet to a pool. Raises InvalidArgument, NotFound, AlreadyExists, Conflict."""
         op = "pool add-subnet"
         validate_pool_name(name, op)
-        subnet = parse_subnet(subnet_text, op)
+        subnet = parse_subnet(subnet_text, f'{op} "{name}" subnet')
         for attempt in range(MAX_ATTEMPTS):
             pools, rev = self._pools()
             pool = pools.get(name)
             if pool is None:
                 raise NotFound(f'{op} "{name}": no such pool')
-            validate_block_size(subnet, pool.block_bits, op)
+            validate_block_size(subnet, pool.block_bits, f'{op} "{name}"')
             self._check_overlap(op, name, [subnet], pools)
             updated = Pool(name, (*pool.subnets, subnet), pool.block_bits)
             result = self.store.txn(
@@ -682,7 +682,7 @@ class Allocator:
                 return RecordResult(
                     RecordOutcome.INVALID,
                     message=f'record "{it.address}": the attachment refers to a missing record '
-                    f'"{address}"; run coilctl check',
+                    f'"{address}"; the store is inconsistent (see docs/operations.md)',
                 )
             return RecordResult(
                 RecordOutcome.EXISTING, decode_record(pool, block, address, existing.value)

@@ -74,6 +74,14 @@ def _status_of(error: errors.CoilError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+UINT64_MAX = 2**64 - 1
+
+
+def saturate(n: int) -> int:
+    """Counts of IPv6 addresses and blocks can exceed uint64: report them as 2^64 - 1."""
+    return min(n, UINT64_MAX)
+
+
 def pool_pb(pool: Pool) -> pb.Pool:
     return pb.Pool(
         name=pool.name, subnets=[str(s) for s in pool.subnets], block_size_bits=pool.block_bits
@@ -180,7 +188,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             subnets=[
                 pb.SubnetBlocks(
                     subnet=str(s.subnet),
-                    total_blocks=s.total_blocks,
+                    total_blocks=saturate(s.total_blocks),
                     held=[block_pb(b) for b in s.held],
                 )
                 for s in subnets
@@ -288,9 +296,9 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
                     pool=u.pool,
                     family=_FAMILY_TO_PB[u.family],
                     blocks_held=u.blocks_held,
-                    blocks_total=u.blocks_total,
+                    blocks_total=saturate(u.blocks_total),
                     addresses_used=u.addresses_used,
-                    addresses_total=u.addresses_total,
+                    addresses_total=saturate(u.addresses_total),
                 )
                 for u in self.allocator.usage()
             ]

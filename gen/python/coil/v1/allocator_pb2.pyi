@@ -473,7 +473,7 @@ class SubnetBlocks(_message.Message):
     subnet: _builtins.str
     """The subnet in CIDR form."""
     total_blocks: _builtins.int
-    """Number of blocks the subnet is carved into."""
+    """Number of blocks the subnet is carved into (at most 2^64 - 1: larger IPv6 counts saturate)."""
     @_builtins.property
     def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___Block]:
         """Blocks held by nodes, in address order."""
@@ -1153,11 +1153,11 @@ class PoolUsage(_message.Message):
     blocks_held: _builtins.int
     """Blocks held by nodes."""
     blocks_total: _builtins.int
-    """Blocks in the pool's subnets of this family."""
+    """Blocks in the pool's subnets of this family (saturates at 2^64 - 1)."""
     addresses_used: _builtins.int
     """Addresses recorded."""
     addresses_total: _builtins.int
-    """Addresses in the pool's subnets of this family."""
+    """Addresses in the pool's subnets of this family (saturates at 2^64 - 1)."""
     def __init__(
         self,
         *,
