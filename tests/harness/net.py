@@ -55,9 +55,17 @@ class Netns:
         self.exec("sysctl", "-q", "-w", f"{key}={value}")
 
     def routes(self, table: str = "all", family: str = "") -> list[dict[str, Any]]:
-        args = ["-j"] + ([family] if family else []) + ["route", "show", "table", table]
-        out = self.ip(*args, check=False).stdout
-        return json.loads(out) if out.strip() else []
+        """Routes of one table ("119", "main", or "all"), of one family ("-4", "-6") or both.
+
+        Reads `table all` and filters, because `ip -6 route show table N` fails when the table
+        has no IPv6 route yet."""
+        out: list[dict[str, Any]] = []
+        for fam in [family] if family else ["-4", "-6"]:
+            text = self.ip("-j", fam, "route", "show", "table", "all", check=False).stdout
+            out += json.loads(text) if text.strip() else []
+        if table == "all":
+            return out
+        return [r for r in out if str(r.get("table", "main")) == table]
 
     def addresses(self, ifname: str) -> list[str]:
         data = json.loads(self.ip("-j", "addr", "show", "dev", ifname).stdout)

@@ -164,6 +164,7 @@ class NodeAgent:
         self.state = NodeState()
         self._pools: dict[str, PoolInfo] = {}
         self._pools_at = -1e9
+        self._namespaces_checked: dict[str, float] = {}
         self._claim_locks: dict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
         self._routes_lock = threading.Lock()
         self._routes_dirty = threading.Event()
@@ -307,13 +308,23 @@ class NodeAgent:
         self._pools_at = now
 
     def pool_for(self, namespace: str) -> PoolInfo:
-        """The pool named like the namespace if it exists, else "default"; else NoPool."""
+        """The pool named like the namespace if it exists, else "default"; else NoPool.
+
+        A namespace without a pool of its own in the cached list is looked up again at most
+        once a second per namespace, so a pool created just before its namespace's first pod
+        is seen, and pods of namespaces without a pool do not ask the allocator every time.
+        """
         if namespace not in self._pools:
-            try:
-                self._refresh_pools()
-            except AllocatorUnavailable:
-                if not self._pools:
-                    raise
+            now = self._clock()
+            if now - self._namespaces_checked.get(namespace, -1e9) >= 1.0:
+                if len(self._namespaces_checked) > 10_000:
+                    self._namespaces_checked.clear()
+                self._namespaces_checked[namespace] = now
+                try:
+                    self._refresh_pools(force=True)
+                except AllocatorUnavailable:
+                    if not self._pools:
+                        raise
         pool = self._pools.get(namespace) or self._pools.get("default")
         if pool is None:
             raise NoPool(
@@ -426,7 +437,17 @@ class NodeAgent:
             for _ in range(MAX_ALLOCATE_ROUNDS):
                 if not pending:
                     break
-                chosen = [(f, want, self._reserve(pool, f, want)) for f, want in pending]
+                chosen: list[tuple[int, Address | None, tuple[NodeBlock, Address]]] = []
+                try:
+                    for f, want in pending:
+                        chosen.append((f, want, self._reserve(pool, f, want)))
+                except BaseException:
+                    # A family could not be reserved (exhausted, address taken, allocator
+                    # down): the addresses reserved in memory for the other families were
+                    # never submitted, so give them back here, or the node loses them.
+                    for _, _, (_, address) in chosen:
+                        self._unreserve(pool.name, address)
+                    raise
                 futures = [
                     self._records.submit(self._record_item(pool.name, block, address, attachment))
                     for _, _, (block, address) in chosen
@@ -643,7 +664,8 @@ class NodeAgent:
     def maintain(self) -> None:
         """Refresh pools, claim spare blocks where usage crossed the threshold, and return
         blocks empty for longer than the grace period (never the last of a pool and family)."""
-        self._refresh_pools(force=self._clock() - self._pools_at >= self.config.pool_refresh)
+        if self._clock() - self._pools_at >= self.config.pool_refresh:
+            self._refresh_pools(force=True)
         now = self._clock()
         with self._lock:
             groups = sorted({(b.pool, b.family) for b in self.state.blocks})

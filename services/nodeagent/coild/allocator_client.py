@@ -67,7 +67,9 @@ class AllocatorClient:
 
     def _call(self, what: str, fn: Callable[..., T], request: Any) -> T:
         try:
-            return fn(request, timeout=self.timeout)
+            # Wait for a connection (up to the deadline) rather than fail at once while the
+            # channel reconnects: an allocator that restarts must not fail pods in between.
+            return fn(request, timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as e:
             code = e.code()
             cls = _ERRORS.get(code, AllocatorRejected)
