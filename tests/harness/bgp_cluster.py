@@ -134,6 +134,8 @@ class Cluster:
     node_names: tuple[str, ...] = ("node1", "node2", "node3")
     release_grace: float = 60.0
     bird_settings: BirdSettings = field(default_factory=BirdSettings)
+    keep_logs: bool = False
+    """Leave the work directory (logs, BIRD configurations) in place when stopping."""
     etcd: EtcdServer | None = None
     allocator: Proc | None = None
     switch: Netns | None = None
@@ -318,8 +320,12 @@ class Cluster:
     # -- failures ---------------------------------------------------------------------------
 
     def lose_node(self, node: Node) -> None:
-        """The node dies: BIRD and coild killed, its pods' and its own namespace removed. Its
-        blocks stay held in the allocator, as after a real node failure."""
+        """The node dies: cut off the segment first (so that its peers hear nothing, as when a
+        machine loses power, and drop it only when their BGP hold time runs out), then BIRD and
+        coild killed, its pods' and its own namespace removed. Its blocks stay held in the
+        allocator, as after a real node failure."""
+        if self.switch is not None:
+            self.switch.ip("link", "del", f"p-{node.name}"[:15], check=False)
         if node.bird is not None:
             node.bird.proc.kill()
         if node.coild is not None:
@@ -377,13 +383,13 @@ class Cluster:
         if self.etcd is not None:
             with contextlib.suppress(Exception):
                 self.etcd.stop()
-        down(self.prefix, self.workdir)
+        down(self.prefix, self.workdir, keep_workdir=self.keep_logs)
 
 
-def down(prefix: str, workdir: Path) -> list[str]:
+def down(prefix: str, workdir: Path, keep_workdir: bool = False) -> list[str]:
     """Remove what a cluster with this prefix and work directory left behind: kill its recorded
-    processes (only if they still are ours), delete its namespaces and directories. Returns a
-    line per thing removed; never raises."""
+    processes (only if they still are ours), delete its namespaces and directories (except the
+    work directory itself with `keep_workdir`). Returns a line per thing removed; never raises."""
     removed: list[str] = []
     state = workdir / STATE_FILE
     dirs: list[str] = []
@@ -410,6 +416,8 @@ def down(prefix: str, workdir: Path) -> list[str]:
     # Give killed processes a moment to let go of their files.
     time.sleep(0.1 if pids else 0)
     for d in dirs[::-1]:
+        if keep_workdir and Path(d) == workdir:
+            continue
         if os.path.isdir(d):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(f"directory {d}")
