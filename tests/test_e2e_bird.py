@@ -44,7 +44,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if not Path(tool).exists():
             pytest.skip(f"{tool} is not installed (scripts/deps.sh installs it)")
     c = Cluster(
-        prefix=f"coilb{uuid.uuid4().hex[:4]}-",
+        prefix=f"coilbgp{uuid.uuid4().hex[:4]}-",
         workdir=tmp_path_factory.mktemp("bgp"),
         release_grace=RELEASE_GRACE,
         keep_logs=True,  # pytest's temporary directory, kept for the last few runs
