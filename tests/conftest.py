@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from coil_allocator.allocator import Allocator
+from coil_allocator.blocks import Address, Network, reserved_addresses
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coil_allocator.servicer import serve
 from tests.harness.etcd import EtcdServer, start_etcd
@@ -68,3 +69,13 @@ def allocator_addr(allocator: Allocator, tmp_path_factory: pytest.TempPathFactor
         yield f"unix:{path}"
     finally:
         server.stop(grace=None)
+
+
+def usable(allocator: Allocator, pool: str, block: Network) -> list[Address]:
+    """The addresses of a block that may be recorded: all but the pool subnet's reserved ones
+    (network address, gateway, IPv4 broadcast)."""
+    subnet = next(p for p in allocator.list_pools() if p.name == pool).subnet_of(block)
+    assert subnet is not None
+    reserved = set(reserved_addresses(subnet))
+    every = (block.network_address + i for i in range(block.num_addresses))
+    return [a for a in every if a not in reserved]

@@ -19,7 +19,7 @@ from coil_allocator.model import (
     ReleaseOutcome,
     ReleaseRequest,
 )
-from tests.conftest import snapshot
+from tests.conftest import snapshot, usable
 
 
 def owner(cid: str, ifname: str = "eth0", pod: str = "p") -> Owner:
@@ -141,7 +141,7 @@ def test_claim_errors(allocator: Allocator) -> None:
 def test_release_block_only_when_empty_and_held(allocator: Allocator) -> None:
     allocator.create_pool("default", ["10.1.0.0/24"], 5)
     block, _ = allocator.claim_block("node-a", "default")
-    addr = block.cidr.network_address + 3
+    addr = usable(allocator, "default", block.cidr)[3]
     allocator.record("node-a", [rec(addr, "default", block.cidr, owner("c1"))])
     with pytest.raises(errors.FailedPrecondition, match="1 address"):
         allocator.release_block("node-a", "default", str(block.cidr))
@@ -164,7 +164,7 @@ def test_record_is_durable_with_owner_and_idempotent(
     b4, _ = allocator.claim_block("node-a", "default", Family.IPV4)
     b6, _ = allocator.claim_block("node-a", "default", Family.IPV6)
     o = Owner("web", "web-0", "abc123", "eth0")
-    a4, a6 = b4.cidr.network_address + 1, b6.cidr.network_address + 1
+    a4, a6 = usable(allocator, "default", b4.cidr)[1], usable(allocator, "default", b6.cidr)[1]
     results = allocator.record(
         "node-a", [rec(a4, "default", b4.cidr, o), rec(a6, "default", b6.cidr, o)]
     )
@@ -193,14 +193,14 @@ def test_record_rejects_taken_address_and_foreign_block(
     allocator.create_pool("default", ["10.1.0.0/24"], 5)
     mine, _ = allocator.claim_block("node-a", "default")
     theirs, _ = allocator.claim_block("node-b", "default")
-    addr = mine.cidr.network_address + 1
+    addr = usable(allocator, "default", mine.cidr)[1]
     allocator.record("node-a", [rec(addr, "default", mine.cidr, owner("c1"))])
     before = snapshot(store, etcd_prefix)
     results = allocator.record(
         "node-a",
         [
             rec(addr, "default", mine.cidr, owner("c2")),
-            rec(theirs.cidr.network_address + 1, "default", theirs.cidr, owner("c3")),
+            rec(usable(allocator, "default", theirs.cidr)[1], "default", theirs.cidr, owner("c3")),
         ],
     )
     assert results[0].outcome == RecordOutcome.ADDRESS_IN_USE
@@ -213,9 +213,9 @@ def test_record_rejects_taken_address_and_foreign_block(
 def test_batch_commits_good_items_beside_bad_ones(allocator: Allocator) -> None:
     allocator.create_pool("default", ["10.1.0.0/22"], 7)  # blocks of 128
     block, _ = allocator.claim_block("node-a", "default")
-    base = block.cidr.network_address
-    allocator.record("node-a", [rec(base + 5, "default", block.cidr, owner("taken"))])
-    items = [rec(base + i, "default", block.cidr, owner(f"c{i}")) for i in range(100)]
+    base = usable(allocator, "default", block.cidr)
+    allocator.record("node-a", [rec(base[5], "default", block.cidr, owner("taken"))])
+    items = [rec(base[i], "default", block.cidr, owner(f"c{i}")) for i in range(100)]
     results = allocator.record("node-a", items)
     outcomes = [r.outcome for r in results]
     assert outcomes[5] == RecordOutcome.ADDRESS_IN_USE
@@ -228,7 +228,7 @@ def test_batch_commits_good_items_beside_bad_ones(allocator: Allocator) -> None:
 def test_batch_with_duplicates_is_rejected_per_item(allocator: Allocator) -> None:
     allocator.create_pool("default", ["10.1.0.0/24"], 5)
     block, _ = allocator.claim_block("node-a", "default")
-    a = block.cidr.network_address + 1
+    a = usable(allocator, "default", block.cidr)[1]
     results = allocator.record(
         "node-a",
         [rec(a, "default", block.cidr, owner("c1")), rec(a, "default", block.cidr, owner("c2"))],
@@ -259,7 +259,7 @@ def test_record_request_validation(
 def test_release_checks_owner_and_is_idempotent(allocator: Allocator) -> None:
     allocator.create_pool("default", ["10.1.0.0/24"], 5)
     block, _ = allocator.claim_block("node-a", "default")
-    addr = block.cidr.network_address + 1
+    addr = usable(allocator, "default", block.cidr)[1]
     allocator.record("node-a", [rec(addr, "default", block.cidr, owner("c1"))])
     wrong = allocator.release("node-a", [ReleaseRequest(addr, "c2", "eth0")])
     assert wrong[0].outcome == ReleaseOutcome.OWNER_MISMATCH
@@ -278,7 +278,7 @@ def test_release_checks_owner_and_is_idempotent(allocator: Allocator) -> None:
 def test_address_info_and_free(allocator: Allocator, store: EtcdStore, etcd_prefix: str) -> None:
     allocator.create_pool("default", ["10.1.0.0/24"], 5)
     block, _ = allocator.claim_block("node-a", "default")
-    addr = block.cidr.network_address + 7
+    addr = usable(allocator, "default", block.cidr)[7]
     allocator.record("node-a", [rec(addr, "default", block.cidr, owner("c7", pod="web-7"))])
     info = allocator.address_info(str(addr))
     assert info.node == "node-a" and info.record is not None
@@ -309,10 +309,15 @@ def test_release_node_gives_everything_back(
     kept, _ = allocator.claim_block("alive", "default")
     allocator.record(
         "gone",
-        [rec(b1.cidr.network_address + i, "default", b1.cidr, owner(f"c{i}")) for i in range(20)]
-        + [rec(b2.cidr.network_address + 1, "default", b2.cidr, owner("c0"))],
+        [
+            rec(usable(allocator, "default", b1.cidr)[i], "default", b1.cidr, owner(f"c{i}"))
+            for i in range(20)
+        ]
+        + [rec(usable(allocator, "default", b2.cidr)[1], "default", b2.cidr, owner("c0"))],
     )
-    allocator.record("alive", [rec(kept.cidr.network_address, "default", kept.cidr, owner("k"))])
+    allocator.record(
+        "alive", [rec(usable(allocator, "default", kept.cidr)[0], "default", kept.cidr, owner("k"))]
+    )
     blocks, removed = allocator.release_node("gone")
     assert {b.cidr for b in blocks} == {b1.cidr, b2.cidr, b3.cidr}
     assert removed == 21
@@ -336,16 +341,21 @@ def test_usage_counts_per_pool_and_family(allocator: Allocator) -> None:
     allocator.claim_block("n2", "default", Family.IPV4)
     t, _ = allocator.claim_block("n1", "team")
     allocator.record(
-        "n1", [rec(b.cidr.network_address + i, "default", b.cidr, owner(f"c{i}")) for i in range(3)]
+        "n1",
+        [
+            rec(usable(allocator, "default", b.cidr)[i], "default", b.cidr, owner(f"c{i}"))
+            for i in range(3)
+        ],
     )
-    allocator.record("n1", [rec(t.cidr.network_address, "team", t.cidr, owner("t"))])
+    allocator.record("n1", [rec(usable(allocator, "team", t.cidr)[0], "team", t.cidr, owner("t"))])
     usage = {(u.pool, u.family): u for u in allocator.usage()}
     d4 = usage[("default", Family.IPV4)]
+    # Addresses pods can get: a /24 less its network address, gateway and broadcast.
     assert (d4.blocks_held, d4.blocks_total, d4.addresses_used, d4.addresses_total) == (
         2,
         8,
         3,
-        256,
+        256 - 3,
     )
     d6 = usage[("default", Family.IPV6)]
     assert (d6.blocks_held, d6.addresses_used) == (0, 0)
@@ -354,7 +364,7 @@ def test_usage_counts_per_pool_and_family(allocator: Allocator) -> None:
         1,
         8,
         1,
-        128,
+        128 - 3,
     )
     assert ("team", Family.IPV6) not in usage
 

@@ -97,7 +97,7 @@ def test_record_and_release_over_grpc(stub: pb_grpc.AllocatorServiceStub) -> Non
         pb.CreatePoolRequest(name="default", subnets=["10.1.0.0/24"], block_size_bits=5)
     )
     block = stub.ClaimBlock(pb.ClaimBlockRequest(node="n1", pool="default")).block
-    first = str(ipaddress.ip_network(block.cidr).network_address + 1)
+    first = str(ipaddress.ip_network(block.cidr).network_address + 3)  # never a reserved one
     owner = pb.Owner(namespace="ns", pod="p", container_id="c1", interface="eth0")
     response = stub.RecordAllocations(
         pb.RecordAllocationsRequest(
@@ -146,7 +146,7 @@ def test_200_nodes_race_through_two_replicas(
                 )
             )
             admin.CreatePool(
-                pb.CreatePoolRequest(name="small", subnets=["10.20.0.0/24"], block_size_bits=2)
+                pb.CreatePoolRequest(name="small", subnets=["10.20.0.0/23"], block_size_bits=3)
             )
         nodes = 200
         start = threading.Barrier(nodes)
@@ -185,7 +185,8 @@ def test_200_nodes_race_through_two_replicas(
                         net = ipaddress.ip_network(r.block.cidr)
                         items = [
                             pb.RecordItem(
-                                address=str(net.network_address + k),
+                                # +2..+4: clear of the subnet's network address and gateway
+                                address=str(net.network_address + 2 + k),
                                 pool=pool,
                                 block=r.block.cidr,
                                 owner=pb.Owner(

@@ -27,7 +27,7 @@ import pytest
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdStore
 from coil_allocator.model import Family, HeldBlock, Owner, RecordRequest
-from tests.conftest import snapshot
+from tests.conftest import snapshot, usable
 
 COILCTL = Path(sys.executable).parent / "coilctl"
 
@@ -108,7 +108,7 @@ def failed(result: Result, code: int, *fragments: str) -> None:
 
 
 def fill(allocator: Allocator, block: HeldBlock, count: int, tag: str = "c") -> None:
-    """Record the first `count` addresses of `block` for pods of namespace "team"."""
+    """Record the first `count` usable addresses of `block` for pods of namespace "team"."""
     requests = [
         RecordRequest.from_strings(
             str(address),
@@ -116,7 +116,7 @@ def fill(allocator: Allocator, block: HeldBlock, count: int, tag: str = "c") -> 
             str(block.cidr),
             Owner("team", f"pod-{i}", f"{tag}{i}", "eth0"),
         )
-        for i, address in enumerate(list(block.cidr)[:count])
+        for i, address in enumerate(usable(allocator, block.pool, block.cidr)[:count])
     ]
     results = allocator.record(block.node, requests)
     assert all(r.outcome.value == "recorded" for r in results), results
@@ -295,9 +295,10 @@ def _map(out: str) -> list[tuple[str, str]]:
 def test_pool_show_draws_the_block_map(run: Run, allocator: Allocator) -> None:
     # 10.0.0.0/22 in blocks of 4 addresses: 256 blocks, 4 lines of 64.
     allocator.create_pool("default", ["10.0.0.0/22", "fd00::/120"], 2)
-    full, _ = allocator.claim_block("node-1", "default", Family.IPV4)
-    partly, _ = allocator.claim_block("node-1", "default", Family.IPV4)
-    empty, _ = allocator.claim_block("node-2", "default", Family.IPV4)
+    # Blocks away from the subnet's reserved first and last addresses, so "full" can be full.
+    full = allocator.claim_specific_block("node-1", "default", "10.0.1.0/30")
+    partly = allocator.claim_specific_block("node-1", "default", "10.0.1.4/30")
+    empty = allocator.claim_specific_block("node-2", "default", "10.0.2.0/30")
     v6, _ = allocator.claim_block("node-2", "default", Family.IPV6)
     fill(allocator, full, 4, "f")
     fill(allocator, partly, 1, "p")
@@ -516,7 +517,8 @@ def test_node_release_errors(
 @pytest.fixture
 def one_address(allocator: Allocator) -> HeldBlock:
     allocator.create_pool("default", ["10.0.0.0/24"], 2)
-    block, _ = allocator.claim_block("node-1", "default", Family.IPV4)
+    # A block away from the subnet's reserved addresses: its first address is recordable.
+    block = allocator.claim_specific_block("node-1", "default", "10.0.0.8/30")
     fill(allocator, block, 1)
     return block
 

@@ -1,7 +1,7 @@
 """Network namespaces for tests and the demo: created with unique names, always removed.
 
 Every namespace this module creates is named with the prefix given to `Netns` (tests use "coilt-",
-the demo "coild-"), so `cleanup_prefix` can remove the leftovers of a run that was killed.
+the demo "coildemo-"), so `cleanup_prefix` can remove the leftovers of a run that was killed.
 """
 
 from __future__ import annotations

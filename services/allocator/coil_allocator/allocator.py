@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from coil_allocator.audit import Finding, Snapshot, audit
 from coil_allocator.blocks import (
     Address,
     Network,
@@ -30,8 +31,10 @@ from coil_allocator.blocks import (
     find_overlap,
     parse_block_key,
     parse_subnet,
+    reserved_addresses,
     validate_block_size,
     validate_pool_name,
+    validate_pool_subnet,
 )
 from coil_allocator.errors import (
     AlreadyExists,
@@ -85,6 +88,12 @@ from coil_allocator.store import (
 
 MAX_ATTEMPTS = 8
 """How often a change is tried when it keeps losing compares to concurrent writers."""
+
+NODE_TTL = 90
+"""Seconds a node agent counts as alive after its last report (it reports every 30 s)."""
+
+STATUS_REFRESH = 300
+"""A node's status key is rewritten at least this often while it reports (last-seen time)."""
 
 MAX_CLAIM_ATTEMPTS = 16
 """Claims re-read the held blocks with every lost race, so each retry sees the others' progress."""
@@ -186,6 +195,7 @@ class Allocator:
         parsed: list[Network] = []
         for text in subnets:
             subnet = parse_subnet(text, f'{op} "{name}" subnet')
+            validate_pool_subnet(subnet, f'{op} "{name}" subnet')
             validate_block_size(subnet, block_bits, f'{op} "{name}"')
             clash = find_overlap(subnet, [(name, s) for s in parsed])
             if clash:
@@ -223,6 +233,7 @@ class Allocator:
         op = "pool add-subnet"
         validate_pool_name(name, op)
         subnet = parse_subnet(subnet_text, f'{op} "{name}" subnet')
+        validate_pool_subnet(subnet, f'{op} "{name}" subnet')
         for attempt in range(MAX_ATTEMPTS):
             pools, rev = self._pools()
             pool = pools.get(name)
@@ -275,7 +286,15 @@ class Allocator:
             if subnet is None:
                 continue
             by_subnet[subnet].append(
-                HeldBlock(name, cidr, b.value.decode(), b.create_revision, 0, used[block_id])
+                HeldBlock(
+                    name,
+                    cidr,
+                    b.value.decode(),
+                    b.create_revision,
+                    0,
+                    used[block_id],
+                    pool.reserved_in(cidr),
+                )
             )
         return pool, [
             SubnetBlocks(
@@ -346,14 +365,25 @@ class Allocator:
             )
             if result.succeeded:
                 self._events.claimed(pool_name, attempt)
-                return HeldBlock(pool_name, block, node, result.revision, now, 0)
+                return HeldBlock(
+                    pool_name, block, node, result.revision, now, 0, pool.reserved_in(block)
+                )
             holder = _first(result.responses[0])
             if holder is not None:
                 if holder.value.decode() != node:
                     raise AlreadyExists(f'{op} "{block}": held by node "{holder.value.decode()}"')
                 index = _first(result.responses[1])
                 claimed_at = int(json.loads(index.value)["claimed_at"]) if index else 0
-                return HeldBlock(pool_name, block, node, holder.create_revision, claimed_at, 0)
+                used, _ = self.store.range(self.keys.records(pool_name, block), keys_only=True)
+                return HeldBlock(
+                    pool_name,
+                    block,
+                    node,
+                    holder.create_revision,
+                    claimed_at,
+                    len(used),
+                    pool.reserved_in(block),
+                )
             self._backoff(attempt, "block claim")
         raise Conflict(f'{op} "{block}": the pool kept changing; try again')
 
@@ -403,7 +433,9 @@ class Allocator:
             )
             if result.succeeded:
                 self._events.claimed(pool_name, attempt)
-                return HeldBlock(pool_name, block, node, result.revision, now, 0), attempt
+                return HeldBlock(
+                    pool_name, block, node, result.revision, now, 0, pool.reserved_in(block)
+                ), attempt
             current = _first(result.responses[0])
             if current is None:
                 raise NotFound(f'{op} "{pool_name}": no such pool (deleted meanwhile)')
@@ -479,6 +511,7 @@ class Allocator:
         validate_node_name(node, op)
         prefix = self.keys.node_blocks(node)
         index, rev = self.store.range(prefix)
+        pools, _ = self._pools(rev)
         blocks: list[HeldBlock] = []
         records: list[AllocationRecord] = []
         for kv in index:
@@ -488,7 +521,10 @@ class Allocator:
                 self.keys.records(pool, cidr), keys_only=not with_records, revision=rev
             )
             claimed_at = int(json.loads(kv.value).get("claimed_at", 0))
-            blocks.append(HeldBlock(pool, cidr, node, kv.create_revision, claimed_at, len(recs)))
+            reserved = pools[pool].reserved_in(cidr) if pool in pools else 0
+            blocks.append(
+                HeldBlock(pool, cidr, node, kv.create_revision, claimed_at, len(recs), reserved)
+            )
             if with_records:
                 for r in recs:
                     address = parse_address(r.key.rsplit("/", 1)[1], "stored record")
@@ -497,14 +533,22 @@ class Allocator:
         records.sort(key=lambda r: (r.created_at, int(r.address)))
         return blocks, records, rev
 
-    def release_node(self, node: str) -> tuple[list[HeldBlock], int]:
+    def release_node(self, node: str, force: bool = False) -> tuple[list[HeldBlock], int]:
         """Give back every block and record of a node that is gone.
 
         Returns the blocks released and the number of records removed. Raises InvalidArgument,
-        NotFound (the node holds nothing), Conflict.
+        NotFound (the node holds nothing), FailedPrecondition (its agent is alive and `force`
+        is not set), Conflict.
         """
         op = "node release"
         validate_node_name(node, op)
+        alive = self.store.get(self.keys.node_alive(node))
+        if alive is not None and not force:
+            raise FailedPrecondition(
+                f'{op} "{node}": the node\'s agent is alive (it holds a lease and reports); '
+                "releasing would hand its pods' addresses to others. Stop coild on the node "
+                "and wait for its lease to expire, or force it"
+            )
         blocks, records, _ = self.node_blocks(node, with_records=True)
         if not blocks:
             raise NotFound(f'{op} "{node}": the node holds no block')
@@ -563,7 +607,74 @@ class Allocator:
                 self._backoff(attempt, "node release")
             else:
                 raise Conflict(f'{op} "{node}": block "{block.cidr}" kept changing; try again')
+        self.store.txn(
+            [], [Delete(self.keys.node_alive(node)), Delete(self.keys.node_status(node))]
+        )
         return blocks, removed
+
+    # -- node liveness and audit ------------------------------------------------------------
+
+    def report_node(
+        self, node: str, lease_id: int, routes: Sequence[str], table: int
+    ) -> tuple[int, int]:
+        """A node agent's heartbeat: keep (or create) its lease and note its routes.
+
+        Returns the lease to send next time and its TTL. The `alive` key lives on the lease, so
+        it disappears NODE_TTL seconds after the agent stops reporting; the `status` key stays,
+        telling when the agent was last seen (rewritten when its routes change, or every
+        STATUS_REFRESH seconds). Raises InvalidArgument, Unavailable.
+        """
+        op = "node report"
+        validate_node_name(node, op)
+        now = self._now()
+        alive = lease_id > 0 and self.store.keep_alive(lease_id) > 0
+        if alive:
+            alive = self.store.get(self.keys.node_alive(node)) is not None
+        if not alive:
+            lease_id = self.store.grant_lease(NODE_TTL)
+            self.store.txn(
+                [],
+                [
+                    Put(
+                        self.keys.node_alive(node),
+                        json.dumps({"since": now}).encode(),
+                        lease=lease_id,
+                    )
+                ],
+            )
+        wanted = sorted(routes)
+        current = self.store.get(self.keys.node_status(node))
+        old = json.loads(current.value) if current else {}
+        if (
+            not alive
+            or old.get("routes") != wanted
+            or old.get("table") != table
+            or now - int(old.get("seen_at", 0)) >= STATUS_REFRESH
+        ):
+            status = {"seen_at": now, "table": table, "routes": wanted}
+            self.store.txn([], [Put(self.keys.node_status(node), json.dumps(status).encode())])
+        return lease_id, NODE_TTL
+
+    def check_store(self, repair: bool, empty_grace: int = 600) -> tuple[list[Finding], int]:
+        """Audit every key under the prefix at one revision; with `repair`, apply the safe
+        repairs (each its own transaction, applied only if what it read is unchanged).
+
+        Returns the findings (with what was repaired) and the revision read.
+        """
+        kvs, revision = self.store.range(self.keys.prefix)
+        snap = Snapshot.from_kvs(self.keys, revision, kvs)
+        findings = audit(snap, self._now(), empty_grace)
+        if repair:
+            for finding in findings:
+                if finding.repair is None:
+                    continue
+                result = self.store.txn(finding.repair.compares, finding.repair.ops)
+                finding.repaired = (
+                    finding.repair.description
+                    if result.succeeded
+                    else "not repaired: the keys changed meanwhile; run the check again"
+                )
+        return findings, revision
 
     # -- records ----------------------------------------------------------------------------
 
@@ -584,7 +695,12 @@ class Allocator:
         seen_attachments: set[str] = set()
         seen_addresses: set[str] = set()
         pending: list[int] = []
+        pools, _ = self._pools()
         for i, item in enumerate(items):
+            refused = self._unrecordable(pools, item)
+            if refused:
+                results[i] = RecordResult(RecordOutcome.INVALID, message=f"{op} {refused}")
+                continue
             attachment = self.keys.attachment(
                 item.owner.container_id, item.owner.interface, item.address.version
             )
@@ -601,6 +717,23 @@ class Allocator:
         for start in range(0, len(pending), RECORDS_PER_TXN):
             self._record_chunk(node, items, pending[start : start + RECORDS_PER_TXN], results)
         return [r if r is not None else RecordResult(RecordOutcome.INVALID) for r in results]
+
+    @staticmethod
+    def _unrecordable(pools: dict[str, Pool], item: RecordRequest) -> str:
+        """Why an item can never be recorded ("" if it can): no such pool, a block that is not
+        one of the pool's, or a reserved address (network, gateway, broadcast)."""
+        pool = pools.get(item.pool)
+        if pool is None:
+            return f'"{item.address}": no pool "{item.pool}"'
+        subnet = pool.subnet_of(item.block)
+        if subnet is None or item.block.prefixlen != item.block.max_prefixlen - pool.block_bits:
+            return f'"{item.address}": block "{item.block}" is not a block of pool "{pool.name}"'
+        if item.address in reserved_addresses(subnet):
+            return (
+                f'"{item.address}": reserved in subnet "{subnet}" (network address, gateway or '
+                "broadcast address)"
+            )
+        return ""
 
     def _record_chunk(
         self,
@@ -862,7 +995,7 @@ class Allocator:
                         held[(name, int(fam))],
                         sum(block_count(s, pool.block_bits) for s in subnets),
                         used[(name, int(fam))],
-                        sum(int(s.num_addresses) for s in subnets),
+                        sum(int(s.num_addresses) - len(reserved_addresses(s)) for s in subnets),
                     )
                 )
         return out

@@ -245,6 +245,39 @@ def family_of(net_or_addr: Network | Address) -> int:
     return net_or_addr.version
 
 
+MIN_SUBNET_ADDRESSES = 4
+"""A pool subnet needs room for its network address, the pods' gateway and at least one pod
+(and, in IPv4, the broadcast address)."""
+
+
+def gateway_of(subnet: Network) -> Address:
+    """The pods' gateway in a pool subnet: its first address after the network address.
+
+    The main plugin (ptp) puts it on the host side of every pod's link as a /32 (/128), so one
+    address serves as gateway on every node. It must lie inside the prefix the pod gets: the
+    pod's default route goes through it without an on-link flag.
+    """
+    return subnet.network_address + 1
+
+
+def reserved_addresses(subnet: Network) -> tuple[Address, ...]:
+    """Addresses of a pool subnet never handed to pods: the network address, the gateway and,
+    in IPv4, the broadcast address."""
+    out: tuple[Address, ...] = (subnet.network_address, gateway_of(subnet))
+    if subnet.version == 4:
+        out += (subnet.broadcast_address,)
+    return out
+
+
+def validate_pool_subnet(subnet: Network, op: str) -> None:
+    """Raise InvalidArgument if `subnet` is too small to serve pods (fewer than 4 addresses)."""
+    if subnet.num_addresses < MIN_SUBNET_ADDRESSES:
+        raise InvalidArgument(
+            f'{op} "{subnet}": too small; a pool subnet needs at least {MIN_SUBNET_ADDRESSES} '
+            "addresses (its network address and the pods' gateway are reserved)"
+        )
+
+
 def _check_bits(subnet: Network, bits: int) -> None:
     if not 0 <= bits <= host_bits(subnet):
         raise ValueError(f"block size bits {bits} out of range for subnet {subnet}")

@@ -3,6 +3,9 @@
     pools/<pool>                                   JSON {"subnets": [...], "block_bits": n}
     blocks/<pool>/<block-id>                       the holding node's name, plain
     nodes/<node>/blocks/<pool>/<block-id>          JSON {"claimed_at": unix seconds}
+    nodes/<node>/alive                             JSON {"since": unix seconds}, bound to the
+                                                   node agent's lease
+    nodes/<node>/status                            JSON {"seen_at", "table", "routes": [...]}
     records/<pool>/<block-id>/<address>            JSON allocation record (see `encode_record`)
     attachments/<container-id>/<ifname>/<4|6>      "<pool>/<block-id>/<address>" of its record
 
@@ -52,6 +55,12 @@ class Keys:
     # node index
     def node_blocks(self, node: str) -> str:
         return f"{self.prefix}nodes/{node}/blocks/"
+
+    def node_alive(self, node: str) -> str:
+        return f"{self.prefix}nodes/{node}/alive"
+
+    def node_status(self, node: str) -> str:
+        return f"{self.prefix}nodes/{node}/status"
 
     def node_block(self, node: str, pool: str, block: Network) -> str:
         return f"{self.prefix}nodes/{node}/blocks/{pool}/{block_key(block)}"

@@ -11,7 +11,13 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from coil_allocator.blocks import Address, Network, block_key, parse_block_key
+from coil_allocator.blocks import (
+    Address,
+    Network,
+    block_key,
+    parse_block_key,
+    reserved_addresses,
+)
 from coil_allocator.errors import InvalidArgument
 
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
@@ -58,6 +64,13 @@ class Pool:
     def families(self) -> tuple[Family, ...]:
         return tuple(f for f in (Family.IPV4, Family.IPV6) if self.subnets_of(f))
 
+    def reserved_in(self, block: Network) -> int:
+        """How many of the pool's reserved addresses lie in `block`."""
+        subnet = self.subnet_of(block)
+        if subnet is None:
+            return 0
+        return sum(1 for a in reserved_addresses(subnet) if a in block)
+
     def subnet_of(self, address: Address | Network) -> Network | None:
         """The pool subnet containing `address` (or the block), or None."""
         for subnet in self.subnets:
@@ -81,6 +94,8 @@ class HeldBlock:
     claim_revision: int
     claimed_at: int = 0
     used: int = 0
+    reserved: int = 0
+    """Addresses of the block reserved in its subnet (network address, gateway, broadcast)."""
 
     @property
     def key_id(self) -> str:
@@ -88,7 +103,8 @@ class HeldBlock:
 
     @property
     def capacity(self) -> int:
-        return int(self.cidr.num_addresses)
+        """Addresses pods can get from the block."""
+        return int(self.cidr.num_addresses) - self.reserved
 
 
 @dataclass(frozen=True, slots=True)

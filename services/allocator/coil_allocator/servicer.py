@@ -231,7 +231,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
 
     @_rpc("ReleaseNode")
     def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: Any) -> pb.ReleaseNodeResponse:
-        blocks, removed = self.allocator.release_node(request.node)
+        blocks, removed = self.allocator.release_node(request.node, request.force)
         return pb.ReleaseNodeResponse(blocks=[block_pb(b) for b in blocks], records_removed=removed)
 
     @_rpc("RecordAllocations")
@@ -302,6 +302,36 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
                 )
                 for u in self.allocator.usage()
             ]
+        )
+
+    @_rpc("ReportNode")
+    def ReportNode(self, request: pb.ReportNodeRequest, context: Any) -> pb.ReportNodeResponse:
+        lease_id, ttl = self.allocator.report_node(
+            request.node, request.lease_id, list(request.routes), request.table
+        )
+        return pb.ReportNodeResponse(lease_id=lease_id, ttl=ttl)
+
+    @_rpc("CheckStore")
+    def CheckStore(self, request: pb.CheckStoreRequest, context: Any) -> pb.CheckStoreResponse:
+        if request.empty_grace_seconds < 0:
+            raise errors.InvalidArgument(
+                f"check: empty grace {request.empty_grace_seconds} s is negative"
+            )
+        findings, revision = self.allocator.check_store(
+            request.repair, request.empty_grace_seconds or 600
+        )
+        return pb.CheckStoreResponse(
+            findings=[
+                pb.Finding(
+                    severity=int(f.severity),  # type: ignore[arg-type]
+                    kind=f.kind,
+                    subject=f.subject,
+                    message=f.message,
+                    repaired=f.repaired,
+                )
+                for f in findings
+            ],
+            revision=revision,
         )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from coil.v1 import allocator_pb2 as apb
-from coil_allocator.blocks import Address, Network
+from coil_allocator.blocks import Address, Network, gateway_of, reserved_addresses
 from coild.allocator_client import AllocatorClient
 from coild.batcher import GroupCommitter
 from coild.errors import (
@@ -55,6 +55,11 @@ class AgentConfig:
     pool_refresh: float = 10.0
     route_resync: float = 30.0
     max_batch: int = 128
+    report_interval: float = 30.0
+    """Heartbeat to the allocator (lease and routes) this often."""
+    reconcile_interval: float = 60.0
+    """Re-read this node's blocks and records from the allocator this often."""
+    table: int = 119
 
 
 @dataclass(frozen=True)
@@ -73,25 +78,8 @@ class PoolInfo:
         return None
 
     def reserved(self) -> list[Address]:
-        """Addresses never handed to pods: each subnet's network address, its gateway, and for
-        IPv4 its broadcast address."""
-        out: list[Address] = []
-        for s in self.subnets:
-            if s.num_addresses > 4:
-                out += [s.network_address, gateway_of(s)]
-                if s.version == 4:
-                    out.append(s.broadcast_address)
-        return out
-
-
-def gateway_of(subnet: Network) -> Address:
-    """The pods' gateway in a pool subnet: its first address after the network address.
-
-    The main plugin (ptp) puts it on the host side of every pod's veth as a /32 (/128), so the
-    same address serves as gateway on every node; it must lie inside the prefix the pod gets,
-    because the pod's default route goes through it without an on-link flag.
-    """
-    return subnet.network_address + 1
+        """Addresses never handed to pods (see `reserved_addresses`)."""
+        return [a for s in self.subnets for a in reserved_addresses(s)]
 
 
 @dataclass(frozen=True)
@@ -185,6 +173,7 @@ class NodeAgent:
             lambda n: self.events.batch("release", n),
         )
         self._thread: threading.Thread | None = None
+        self._lease_id = 0
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -212,25 +201,115 @@ class NodeAgent:
                 self.ready.set()
             except NodeAgentError as e:
                 log.warning("start: cannot rebuild state yet: %s", e)
+            except Exception:
+                # Never let the loop die: a coild that is not ready says so on /readyz.
+                log.exception("start: rebuilding state failed")
+            if not self.ready.is_set():
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
-        last_maintain = 0.0
+        last_maintain = last_report = last_reconcile = 0.0
         last_routes = self._clock()
         while not self._stop.is_set():
             self._routes_dirty.wait(timeout=self.config.maintain_interval)
             if self._stop.is_set():
                 return
             now = self._clock()
-            if self._routes_dirty.is_set() or now - last_routes >= self.config.route_resync:
-                self._routes_dirty.clear()
-                self.sync_routes()
-                last_routes = now
-            if now - last_maintain >= self.config.maintain_interval:
-                last_maintain = now
+            for due, name, task in (
+                (
+                    self._routes_dirty.is_set() or now - last_routes >= self.config.route_resync,
+                    "routes",
+                    self._sync_routes_now,
+                ),
+                (now - last_maintain >= self.config.maintain_interval, "maintain", self.maintain),
+                (now - last_report >= self.config.report_interval, "report", self.report),
+                (
+                    now - last_reconcile >= self.config.reconcile_interval,
+                    "reconcile",
+                    self.reconcile,
+                ),
+            ):
+                if not due:
+                    continue
                 try:
-                    self.maintain()
+                    task()
                 except NodeAgentError as e:
-                    log.warning("maintain: %s", e)
+                    log.warning("%s: %s", name, e)
+                except Exception:
+                    log.exception("%s failed", name)
+                if name == "routes":
+                    last_routes = now
+                elif name == "maintain":
+                    last_maintain = now
+                elif name == "report":
+                    last_report = now
+                else:
+                    last_reconcile = now
+
+    def _sync_routes_now(self) -> None:
+        self._routes_dirty.clear()
+        self.sync_routes()
+
+    def report(self) -> None:
+        """Heartbeat to the allocator: keep this node's lease and report its kernel routes."""
+        current = getattr(self.routes, "current", None)
+        with self._lock:
+            routes = current() if current else self.state.routes()
+        self._lease_id, _ = self.allocator.report_node(
+            self.config.node, self._lease_id, sorted(str(r) for r in routes), self.config.table
+        )
+
+    def reconcile(self) -> None:
+        """Catch up with changes made behind this agent's back: blocks the allocator no longer
+        lists for this node (an operator's `node release --force`) are dropped, and committed
+        attachments whose records were removed (`coilctl address free`) are forgotten, so
+        their addresses can be handed out again.
+
+        Only what existed before the listing was asked for is judged, so a block claimed or an
+        attachment committed meanwhile is never mistaken for a removed one.
+        """
+        with self._lock:
+            blocks_before = list(self.state.blocks)
+            attachments_before = list(self.state.committed())
+        answer = self.allocator.node_blocks(self.config.node)
+        listed_blocks = {(b.pool, b.cidr) for b in answer.blocks}
+        listed_records = {
+            (r.owner.container_id, r.owner.interface, r.address) for r in answer.records
+        }
+        now = self._clock()
+        changed = False
+        with self._lock:
+            for block in blocks_before:
+                if (
+                    block.pool,
+                    str(block.cidr),
+                ) not in listed_blocks and block in self.state.blocks:
+                    log.warning(
+                        "block %s of pool %s was released elsewhere", block.cidr, block.pool
+                    )
+                    self.state.drop_block(block.pool, block.cidr)
+                    changed = True
+            for attachment in attachments_before:
+                if self.state.attachments.get(attachment.key) is not attachment:
+                    continue
+                kept = [
+                    a
+                    for a in attachment.allocations
+                    if (attachment.container_id, attachment.interface, str(a.address))
+                    in listed_records
+                ]
+                for gone in set(attachment.allocations) - set(kept):
+                    log.warning(
+                        "address %s of %s/%s was freed elsewhere",
+                        gone.address,
+                        attachment.container_id,
+                        attachment.interface,
+                    )
+                    self.state.free(gone.pool, gone.address, now)
+                if not kept:
+                    self.state.attachments.pop(attachment.key, None)
+                attachment.allocations = kept
+        if changed:
+            self._routes_dirty.set()
 
     def rebuild(self) -> None:
         """Load this node's blocks and records from the allocator into memory; sync routes."""
@@ -249,7 +328,8 @@ class NodeAgent:
                 b.pool,
                 ipaddress.ip_network(b.cidr),
                 b.claim_revision,
-                reserved=pool.reserved() if pool else (),
+                # A recorded address stays used even if it is one a pod should not have got.
+                reserved=set(pool.reserved() if pool else ()) - set(used),
                 used=used,
                 # Records come oldest first: continue the round robin after the newest.
                 last=used[-1] if used else None,
@@ -574,12 +654,13 @@ class NodeAgent:
             return chosen
 
     def _claim(self, pool: PoolInfo, family: int, block: str = "") -> NodeBlock:
-        """Claim a block from the allocator and hold it; routes follow in the background."""
+        """Claim a block from the allocator, hold it, and export its route before any address
+        of it is handed out (so the first pod of a block is reachable when its ADD returns)."""
         try:
             claimed = self.allocator.claim_block(self.config.node, pool.name, family, block)
-        except Exhausted as e:
+        except Exhausted:
             self.events.failed("claim", "exhausted")
-            raise Exhausted(f'pool "{pool.name}" exhausted: {e}') from None
+            raise
         with self._lock:
             held = self.state.add_block(
                 pool.name,
@@ -589,7 +670,7 @@ class NodeAgent:
                 now=self._clock(),
             )
         log.info("claimed block %s of pool %s", claimed.cidr, pool.name)
-        self._routes_dirty.set()
+        self.sync_routes()
         return held
 
     def _unreserve(self, pool: str, address: Address) -> None:

@@ -121,3 +121,11 @@ class AllocatorClient:
             pb.ReleaseAllocationsRequest(node=node, items=items),
         )
         return list(response.results)
+
+    def report_node(
+        self, node: str, lease_id: int, routes: list[str], table: int
+    ) -> tuple[int, int]:
+        """Heartbeat: returns the lease to send next time and its TTL."""
+        request = pb.ReportNodeRequest(node=node, lease_id=lease_id, routes=routes, table=table)
+        response = self._call("report node", self._stub.ReportNode, request)
+        return int(response.lease_id), int(response.ttl)

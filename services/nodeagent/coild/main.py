@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             node=args.node_name,
             spare_threshold=args.spare_threshold,
             release_grace=args.release_grace,
+            table=args.table_id,
         ),
         AllocatorClient(args.allocator, args.allocator_timeout, credentials),
         RouteExporter(args.table_id, args.protocol_id),

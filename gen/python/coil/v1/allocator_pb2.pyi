@@ -128,6 +128,34 @@ RELEASE_OUTCOME_INVALID: ReleaseOutcome.ValueType  # 4
 """The item is malformed."""
 Global___ReleaseOutcome: _TypeAlias = ReleaseOutcome  # noqa: Y015
 
+class _Severity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Severity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEVERITY_UNSPECIFIED: _Severity.ValueType  # 0
+    """Not used."""
+    SEVERITY_INFO: _Severity.ValueType  # 1
+    """Worth knowing; nothing is wrong yet."""
+    SEVERITY_WARNING: _Severity.ValueType  # 2
+    """Needs an operator's look: capacity held by a gone node, routes out of step."""
+    SEVERITY_CRITICAL: _Severity.ValueType  # 3
+    """An address could be handed out twice, or is unprotected."""
+
+class Severity(_Severity, metaclass=_SeverityEnumTypeWrapper):
+    """Severity of a CheckStore finding."""
+
+SEVERITY_UNSPECIFIED: Severity.ValueType  # 0
+"""Not used."""
+SEVERITY_INFO: Severity.ValueType  # 1
+"""Worth knowing; nothing is wrong yet."""
+SEVERITY_WARNING: Severity.ValueType  # 2
+"""Needs an operator's look: capacity held by a gone node, routes out of step."""
+SEVERITY_CRITICAL: Severity.ValueType  # 3
+"""An address could be handed out twice, or is unprotected."""
+Global___Severity: _TypeAlias = Severity  # noqa: Y015
+
 @_typing.final
 class Pool(_message.Message):
     """An address pool: subnets carved into blocks of 2^block_size_bits addresses."""
@@ -742,16 +770,22 @@ class ReleaseNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Node whose blocks and records are all given back. NOT_FOUND if it holds nothing."""
+    force: _builtins.bool
+    """Release even though the node's agent is alive (its lease has not expired). Without it,
+    releasing a live node fails with FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1199,3 +1233,157 @@ class GetUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class ReportNodeRequest(_message.Message):
+    """ReportNode request: a node agent's heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """Node name."""
+    lease_id: _builtins.int
+    """Lease the agent holds from an earlier report (0 on the first report, or when it expired)."""
+    table: _builtins.int
+    """Kernel table the routes were read from."""
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Routes the agent found in its kernel table (CIDR form), for `CheckStore`."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        lease_id: _builtins.int = ...,
+        routes: _abc.Iterable[_builtins.str] | None = ...,
+        table: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "node", b"node", "routes", b"routes", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportNodeRequest: _TypeAlias = ReportNodeRequest  # noqa: Y015
+
+@_typing.final
+class ReportNodeResponse(_message.Message):
+    """ReportNode response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.int
+    """The lease to send with the next report; the node counts as alive while it lasts."""
+    ttl: _builtins.int
+    """Seconds the lease lives without another report."""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.int = ...,
+        ttl: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportNodeResponse: _TypeAlias = ReportNodeResponse  # noqa: Y015
+
+@_typing.final
+class Finding(_message.Message):
+    """One problem CheckStore found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
+    severity: Global___Severity.ValueType
+    """How bad it is."""
+    kind: _builtins.str
+    """Stable identifier of the kind of problem, e.g. "record-outside-held-block"."""
+    subject: _builtins.str
+    """What it is about: a block, an address, a node or a key."""
+    message: _builtins.str
+    """What is wrong, in words."""
+    repaired: _builtins.str
+    """With repair: what was done about it ("" when it was left alone)."""
+    def __init__(
+        self,
+        *,
+        severity: Global___Severity.ValueType = ...,
+        kind: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        message: _builtins.str = ...,
+        repaired: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "message", b"message", "repaired", b"repaired", "severity", b"severity", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Finding: _TypeAlias = Finding  # noqa: Y015
+
+@_typing.final
+class CheckStoreRequest(_message.Message):
+    """CheckStore request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPAIR_FIELD_NUMBER: _builtins.int
+    EMPTY_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    repair: _builtins.bool
+    """Fix what is safe to fix (never frees an address that may be in use)."""
+    empty_grace_seconds: _builtins.int
+    """Empty blocks held longer than this many seconds are reported (default 600)."""
+    def __init__(
+        self,
+        *,
+        repair: _builtins.bool = ...,
+        empty_grace_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_grace_seconds", b"empty_grace_seconds", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckStoreRequest: _TypeAlias = CheckStoreRequest  # noqa: Y015
+
+@_typing.final
+class CheckStoreResponse(_message.Message):
+    """CheckStore response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """etcd revision the audit read."""
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
+        """Findings, most severe first."""
+
+    def __init__(
+        self,
+        *,
+        findings: _abc.Iterable[Global___Finding] | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings", b"findings", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckStoreResponse: _TypeAlias = CheckStoreResponse  # noqa: Y015

@@ -105,6 +105,16 @@ class AllocatorServiceStub:
                 request_serializer=coil_dot_v1_dot_allocator__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=coil_dot_v1_dot_allocator__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ReportNode = channel.unary_unary(
+                '/coil.v1.AllocatorService/ReportNode',
+                request_serializer=coil_dot_v1_dot_allocator__pb2.ReportNodeRequest.SerializeToString,
+                response_deserializer=coil_dot_v1_dot_allocator__pb2.ReportNodeResponse.FromString,
+                _registered_method=True)
+        self.CheckStore = channel.unary_unary(
+                '/coil.v1.AllocatorService/CheckStore',
+                request_serializer=coil_dot_v1_dot_allocator__pb2.CheckStoreRequest.SerializeToString,
+                response_deserializer=coil_dot_v1_dot_allocator__pb2.CheckStoreResponse.FromString,
+                _registered_method=True)
 
 
 class AllocatorServiceServicer:
@@ -209,6 +219,20 @@ class AllocatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportNode(self, request, context):
+        """A node agent's heartbeat: keeps its lease and reports its routes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckStore(self, request, context):
+        """Audit the store (and the routes the agents reported); optionally repair what is safe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +305,16 @@ def add_AllocatorServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=coil_dot_v1_dot_allocator__pb2.GetUsageRequest.FromString,
                     response_serializer=coil_dot_v1_dot_allocator__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ReportNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportNode,
+                    request_deserializer=coil_dot_v1_dot_allocator__pb2.ReportNodeRequest.FromString,
+                    response_serializer=coil_dot_v1_dot_allocator__pb2.ReportNodeResponse.SerializeToString,
+            ),
+            'CheckStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckStore,
+                    request_deserializer=coil_dot_v1_dot_allocator__pb2.CheckStoreRequest.FromString,
+                    response_serializer=coil_dot_v1_dot_allocator__pb2.CheckStoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -662,6 +696,60 @@ class AllocatorService:
             '/coil.v1.AllocatorService/GetUsage',
             coil_dot_v1_dot_allocator__pb2.GetUsageRequest.SerializeToString,
             coil_dot_v1_dot_allocator__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coil.v1.AllocatorService/ReportNode',
+            coil_dot_v1_dot_allocator__pb2.ReportNodeRequest.SerializeToString,
+            coil_dot_v1_dot_allocator__pb2.ReportNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coil.v1.AllocatorService/CheckStore',
+            coil_dot_v1_dot_allocator__pb2.CheckStoreRequest.SerializeToString,
+            coil_dot_v1_dot_allocator__pb2.CheckStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,10 @@ class AllocatorServiceStub:
     """Remove one address's record (operator repair)."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.GetUsageRequest, _allocator_pb2.GetUsageResponse]
     """Blocks and addresses used per pool and family."""
+    ReportNode: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.ReportNodeRequest, _allocator_pb2.ReportNodeResponse]
+    """A node agent's heartbeat: keeps its lease and reports its routes."""
+    CheckStore: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.CheckStoreRequest, _allocator_pb2.CheckStoreResponse]
+    """Audit the store (and the routes the agents reported); optionally repair what is safe."""
 
 @_typing.type_check_only
 class AllocatorServiceAsyncStub(AllocatorServiceStub):
@@ -108,6 +112,10 @@ class AllocatorServiceAsyncStub(AllocatorServiceStub):
     """Remove one address's record (operator repair)."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_allocator_pb2.GetUsageRequest, _allocator_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Blocks and addresses used per pool and family."""
+    ReportNode: _aio.UnaryUnaryMultiCallable[_allocator_pb2.ReportNodeRequest, _allocator_pb2.ReportNodeResponse]  # type: ignore[assignment]
+    """A node agent's heartbeat: keeps its lease and reports its routes."""
+    CheckStore: _aio.UnaryUnaryMultiCallable[_allocator_pb2.CheckStoreRequest, _allocator_pb2.CheckStoreResponse]  # type: ignore[assignment]
+    """Audit the store (and the routes the agents reported); optionally repair what is safe."""
 
 class AllocatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The allocator service."""
@@ -223,5 +231,21 @@ class AllocatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_allocator_pb2.GetUsageResponse, _abc.Awaitable[_allocator_pb2.GetUsageResponse]]:
         """Blocks and addresses used per pool and family."""
+
+    @_abc_1.abstractmethod
+    def ReportNode(
+        self,
+        request: _allocator_pb2.ReportNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_allocator_pb2.ReportNodeResponse, _abc.Awaitable[_allocator_pb2.ReportNodeResponse]]:
+        """A node agent's heartbeat: keeps its lease and reports its routes."""
+
+    @_abc_1.abstractmethod
+    def CheckStore(
+        self,
+        request: _allocator_pb2.CheckStoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_allocator_pb2.CheckStoreResponse, _abc.Awaitable[_allocator_pb2.CheckStoreResponse]]:
+        """Audit the store (and the routes the agents reported); optionally repair what is safe."""
 
 def add_AllocatorServiceServicer_to_server(servicer: AllocatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
