@@ -52,8 +52,13 @@ class EtcdServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def start_etcd(name: str = "coil-test", extra_args: list[str] | None = None) -> EtcdServer:
-    """Start etcd on free loopback ports, data in a temporary directory; wait until it serves."""
+def start_etcd(
+    name: str = "coil-test", extra_args: list[str] | None = None, scheme: str = "http"
+) -> EtcdServer:
+    """Start etcd on free loopback ports, data in a temporary directory; wait until it serves.
+
+    `scheme` "https" serves clients over TLS: pass `--cert-file` and `--key-file` (and, for client
+    certificates, `--client-cert-auth --trusted-ca-file`) in `extra_args`. Peers stay on http."""
     data_dir = tempfile.mkdtemp(prefix="coil-etcd-")
     client_port, peer_port = free_port(), free_port()
     args = [
@@ -63,9 +68,9 @@ def start_etcd(name: str = "coil-test", extra_args: list[str] | None = None) -> 
         "--data-dir",
         data_dir,
         "--listen-client-urls",
-        f"http://127.0.0.1:{client_port}",
+        f"{scheme}://127.0.0.1:{client_port}",
         "--advertise-client-urls",
-        f"http://127.0.0.1:{client_port}",
+        f"{scheme}://127.0.0.1:{client_port}",
         "--listen-peer-urls",
         f"http://127.0.0.1:{peer_port}",
         "--initial-advertise-peer-urls",
