@@ -426,3 +426,19 @@ def test_pool_exhausted_is_code_101_until_a_del(node: Node, pods: list[Pod]) -> 
     pods.remove(made[0])
     assert del_pod(node.runtime, made[0]).ok
     pods.append(add_pod(node.runtime, PREFIX, namespace="tiny", name="fits-again"))
+
+
+def test_coild_keeps_a_lease_and_reports_its_routes(node: Node, pods: list[Pod]) -> None:
+    pods.append(add_pod(node.runtime, PREFIX, name="lease"))
+    stub = node.stub()
+
+    def audit_clean() -> bool:
+        findings = stub.CheckStore(apb.CheckStoreRequest(), timeout=10).findings
+        return not [f for f in findings if f.severity >= apb.SEVERITY_WARNING]
+
+    # coild's heartbeat (every 30 s, first one right after start) carries its table's routes.
+    wait_until("coild to report its lease and routes", audit_clean, timeout=40)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ReleaseNode(apb.ReleaseNodeRequest(node=NODE), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "agent is alive" in (refused.value.details() or "")

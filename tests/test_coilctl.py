@@ -430,8 +430,10 @@ def tiny_pool_held(allocator: Allocator) -> list[HeldBlock]:
     """A pool of 4 blocks, all held by node-1, two with addresses recorded."""
     allocator.create_pool("tiny", ["10.0.0.0/28"], 2)
     blocks = [allocator.claim_block("node-1", "tiny", Family.IPV4)[0] for _ in range(4)]
-    fill(allocator, blocks[0], 3, "a")
-    fill(allocator, blocks[1], 1, "b")
+    # The middle blocks: the first and last hold the subnet's reserved addresses.
+    middle = sorted(blocks, key=lambda b: b.cidr)[1:3]
+    fill(allocator, middle[0], 3, "a")
+    fill(allocator, middle[1], 1, "b")
     return blocks
 
 
@@ -604,18 +606,23 @@ def test_address_free_errors(
 def test_usage(run: Run, allocator: Allocator) -> None:
     allocator.create_pool("default", ["10.0.0.0/22", "fd00::/120"], 2)
     allocator.create_pool("idle", ["10.9.0.0/24"], 4)
-    blocks = [allocator.claim_block("node-1", "default", Family.IPV4)[0] for _ in range(3)]
+    blocks = [
+        allocator.claim_specific_block("node-1", "default", cidr)
+        for cidr in ("10.0.1.0/30", "10.0.1.4/30", "10.0.2.0/30")
+    ]
     fill(allocator, blocks[0], 4, "a")
     fill(allocator, blocks[1], 1, "b")
 
+    # Address totals count what pods can get: each subnet less its network address and
+    # gateway, and in IPv4 its broadcast address.
     r = run("usage")
     assert r.code == 0, r.err
     rows = [line.split() for line in r.out.splitlines()]
     assert rows == [
         ["POOL", "FAMILY", "BLOCKS", "HELD", "ADDRESSES", "USED"],
-        ["default", "IPv4", "3/256", "1.2%", "5/1024", "0.5%"],
-        ["default", "IPv6", "0/64", "0.0%", "0/256", "0.0%"],
-        ["idle", "IPv4", "0/16", "0.0%", "0/256", "0.0%"],
+        ["default", "IPv4", "3/256", "1.2%", "5/1021", "0.5%"],
+        ["default", "IPv6", "0/64", "0.0%", "0/254", "0.0%"],
+        ["idle", "IPv4", "0/16", "0.0%", "0/253", "0.0%"],
     ]
 
     doc = run("usage", "-o", "json").json()
@@ -625,7 +632,7 @@ def test_usage(run: Run, allocator: Allocator) -> None:
         "blocks_held": 3,
         "blocks_total": 256,
         "addresses_used": 5,
-        "addresses_total": 1024,
+        "addresses_total": 1021,
     }
     assert [(u["pool"], u["family"]) for u in doc["usage"]] == [
         ("default", "FAMILY_IPV4"),
@@ -791,6 +798,7 @@ COMMANDS = {
     "pool": ["create", "add-subnet", "list", "show", "delete"],
     "node": ["blocks", "release"],
     "address": ["info", "free"],
+    "check": [],
     "usage": [],
     "completion": [],
     "version": [],

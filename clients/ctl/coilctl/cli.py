@@ -159,6 +159,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, CommandTree]:
         "release", "give back every block and address of a node that is gone", nodes, "node"
     )
     p.add_argument("node", metavar="NODE")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="release even though the node's agent is alive (its pods lose their addresses)",
+    )
     _yes(p)
     _output(p)
     record_options("node", "release", p)
@@ -176,6 +181,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, CommandTree]:
     _output(p)
     record_options("address", "free", p)
 
+    p = command("check", "audit the store and the nodes' routes; --repair fixes what is safe")
+    p.add_argument(
+        "--repair", action="store_true", help="fix what is safe to fix (never frees addresses)"
+    )
+    p.add_argument(
+        "--empty-grace",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="report empty blocks held longer than this (default 600)",
+    )
+    _output(p)
+    record_options("check", "", p)
     p = command("usage", "blocks and addresses used per pool and family")
     _output(p)
     record_options("usage", "", p)

@@ -40,7 +40,14 @@ def _channel(settings: Settings) -> grpc.Channel:
         private_key=_read(settings.tls_key, "key"),
         certificate_chain=_read(settings.tls_cert, "certificate"),
     )
-    return grpc.secure_channel(settings.allocator, credentials)
+    # Over a UNIX socket gRPC would check the certificate against the socket's path; the
+    # allocator's certificate is expected to name "localhost" there.
+    options = (
+        [("grpc.ssl_target_name_override", "localhost")]
+        if settings.allocator.startswith("unix:")
+        else []
+    )
+    return grpc.secure_channel(settings.allocator, credentials, options=options)
 
 
 class Allocator:
@@ -104,8 +111,12 @@ class Allocator:
         request = pb.ListNodeBlocksRequest(node=node, with_records=with_records)
         return self._call(self._stub.ListNodeBlocks, request)
 
-    def release_node(self, node: str) -> pb.ReleaseNodeResponse:
-        return self._call(self._stub.ReleaseNode, pb.ReleaseNodeRequest(node=node))
+    def release_node(self, node: str, force: bool = False) -> pb.ReleaseNodeResponse:
+        return self._call(self._stub.ReleaseNode, pb.ReleaseNodeRequest(node=node, force=force))
+
+    def check(self, repair: bool, empty_grace: int) -> pb.CheckStoreResponse:
+        request = pb.CheckStoreRequest(repair=repair, empty_grace_seconds=empty_grace)
+        return self._call(self._stub.CheckStore, request)
 
     def get_address(self, address: str) -> pb.GetAddressResponse:
         return self._call(self._stub.GetAddress, pb.GetAddressRequest(address=address))

@@ -13,6 +13,8 @@ EXIT_USAGE = 2
 """Bad command line, configuration file or environment; nothing was sent to the allocator."""
 EXIT_UNREACHABLE = 3
 """The allocator could not be reached or did not answer in time (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+EXIT_FINDINGS = 4
+"""`coilctl check` found warnings or critical problems that are still there."""
 
 
 class CtlError(Exception):

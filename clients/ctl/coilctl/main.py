@@ -2,7 +2,8 @@
 
 Each command is one RPC (`coilctl.client`) and a rendering of its answer (`coilctl.render`).
 Errors go to stderr as ``coilctl: <message>`` with the exit codes of `coilctl.errors`: 1 when the
-allocator refuses, 2 for usage errors, 3 when the allocator cannot be reached; never a traceback.
+allocator refuses, 2 for usage errors, 3 when the allocator cannot be reached, 4 when `check`
+finds problems it did not repair; never a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from coilctl import cli, config
-from coilctl.errors import EXIT_FAILED, EXIT_OK, CtlError, UsageError
+from coilctl.errors import EXIT_FAILED, EXIT_FINDINGS, EXIT_OK, CtlError, UsageError
 
 if TYPE_CHECKING:
     from coilctl.client import Allocator
@@ -113,7 +114,7 @@ def _node(args: argparse.Namespace, allocator: Allocator) -> None:
         blocks = allocator.node_blocks(args.node, args.records)
         _emit(args, render.node_blocks_dict(blocks), render.node_blocks(args.node, blocks))
     elif args.action == "release":
-        released = allocator.release_node(args.node)
+        released = allocator.release_node(args.node, args.force)
         _emit(args, render.release_node_dict(released), render.release_node(args.node, released))
 
 
@@ -135,7 +136,24 @@ def _usage(args: argparse.Namespace, allocator: Allocator) -> None:
     _emit(args, render.usage_dict(usage), render.usage_table(usage))
 
 
-HANDLERS = {"pool": _pool, "node": _node, "address": _address, "usage": _usage}
+def _check(args: argparse.Namespace, allocator: Allocator) -> None:
+    from coilctl import render
+
+    if args.empty_grace < 0:
+        raise UsageError(f'check: --empty-grace "{args.empty_grace}" is negative')
+    result = allocator.check(args.repair, args.empty_grace)
+    _emit(args, render.check_dict(result), render.check_report(result))
+    if render.open_findings(result):
+        raise CtlError("check: problems found (see above)", EXIT_FINDINGS)
+
+
+HANDLERS = {
+    "pool": _pool,
+    "node": _node,
+    "address": _address,
+    "usage": _usage,
+    "check": _check,
+}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -315,3 +315,55 @@ def usage_table(response: pb.GetUsageResponse) -> str:
             for u in response.usage
         ),
     )
+
+
+_SEVERITY = {
+    pb.SEVERITY_INFO: "info",
+    pb.SEVERITY_WARNING: "WARNING",
+    pb.SEVERITY_CRITICAL: "CRITICAL",
+}
+
+
+def check_dict(response: pb.CheckStoreResponse) -> dict[str, Any]:
+    return {
+        "revision": response.revision,
+        "findings": [
+            {
+                "severity": _SEVERITY.get(f.severity, "?").lower(),
+                "kind": f.kind,
+                "subject": f.subject,
+                "message": f.message,
+                "repaired": f.repaired,
+            }
+            for f in response.findings
+        ],
+    }
+
+
+def open_findings(response: pb.CheckStoreResponse) -> list[pb.Finding]:
+    """Warnings and critical findings that no repair fixed."""
+    return [
+        f
+        for f in response.findings
+        if f.severity >= pb.SEVERITY_WARNING
+        and (not f.repaired or f.repaired.startswith("not repaired"))
+    ]
+
+
+def check_report(response: pb.CheckStoreResponse) -> str:
+    if not response.findings:
+        return f"no problems found (etcd revision {response.revision})"
+    lines = []
+    for f in response.findings:
+        lines.append(f"{_SEVERITY.get(f.severity, '?'):8}  {f.kind:30}  {f.subject}: {f.message}")
+        if f.repaired:
+            lines.append(f"{'':8}  {'':30}  repaired: {f.repaired}")
+    counts: dict[str, int] = {}
+    for f in response.findings:
+        name = _SEVERITY.get(f.severity, "?").lower()
+        counts[name] = counts.get(name, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    lines.append(
+        f"{len(response.findings)} finding(s): {summary} (etcd revision {response.revision})"
+    )
+    return "\n".join(lines)

@@ -140,6 +140,7 @@ class Allocator:
         rng: random.Random | None = None,
         events: AllocatorEvents | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        node_ttl: int = NODE_TTL,
     ) -> None:
         self.store = store
         self.keys = Keys(prefix)
@@ -147,6 +148,7 @@ class Allocator:
         self._rng = rng or random.Random()
         self._events = events or _NoEvents()
         self._sleep = sleep
+        self._node_ttl = node_ttl
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -631,7 +633,7 @@ class Allocator:
         if alive:
             alive = self.store.get(self.keys.node_alive(node)) is not None
         if not alive:
-            lease_id = self.store.grant_lease(NODE_TTL)
+            lease_id = self.store.grant_lease(self._node_ttl)
             self.store.txn(
                 [],
                 [
@@ -653,7 +655,7 @@ class Allocator:
         ):
             status = {"seen_at": now, "table": table, "routes": wanted}
             self.store.txn([], [Put(self.keys.node_status(node), json.dumps(status).encode())])
-        return lease_id, NODE_TTL
+        return lease_id, self._node_ttl
 
     def check_store(self, repair: bool, empty_grace: int = 600) -> tuple[list[Finding], int]:
         """Audit every key under the prefix at one revision; with `repair`, apply the safe

@@ -298,7 +298,9 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
             if records_per_block[(pool_name, block_id)]:
                 continue
             index = snap.index.get((node, pool_name, block_id))
-            claimed = int(json.loads(index.value).get("claimed_at", 0)) if index else 0
+            if index is None:
+                continue  # its claim time is unknown; the missing index is its own finding
+            claimed = int(json.loads(index.value).get("claimed_at", 0))
             family = 6 if ":" in block_id else 4
             if now - claimed < empty_grace:
                 continue

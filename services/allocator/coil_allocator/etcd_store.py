@@ -138,7 +138,12 @@ class EtcdStore:
                 timeout=self._config.timeout,
             )
 
-        response = self._call(call, idempotent=True, authenticated=False)
+        try:
+            response = self._call(call, idempotent=True, authenticated=False)
+        except Unavailable:
+            raise
+        except CoilError as e:
+            raise CoilError(f'etcd auth as user "{self._config.username}" failed: {e}') from None
         self._token = response.token
 
     def _call(

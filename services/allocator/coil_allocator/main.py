@@ -73,6 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _read_file(path: str, flag: str) -> bytes:
+    """A file's bytes; ValueError naming the flag and the path when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r}: {e.strerror or e}") from None
+
+
 def _split_hostport(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -112,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics.watch_usage(allocator)
     credentials = None
     if args.tls_cert:
-        with open(args.tls_cert, "rb") as f:
-            cert = f.read()
-        with open(args.tls_key, "rb") as f:
-            key = f.read()
-        client_ca = None
-        if args.tls_client_ca:
-            with open(args.tls_client_ca, "rb") as f:
-                client_ca = f.read()
+        try:
+            cert = _read_file(args.tls_cert, "--tls-cert")
+            key = _read_file(args.tls_key, "--tls-key")
+            client_ca = (
+                _read_file(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
+            )
+        except ValueError as e:
+            print(f"coil-allocator: {e}", file=sys.stderr)
+            return 2
         credentials = grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
         )
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             health=health_servicer,
         )
     except RuntimeError as e:
-        print(f"coil-allocator: {e}", file=sys.stderr)
+        hint = " (check that --tls-cert and --tls-key are a PEM certificate and its key)"
+        print(f"coil-allocator: {e}{hint if credentials else ''}", file=sys.stderr)
         return 2
     if args.metrics_addr:
         host, port = _split_hostport(args.metrics_addr)

@@ -45,16 +45,20 @@ class AllocatorClient:
         address: str,
         timeout: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
     ) -> None:
         self.address = address
         self.timeout = timeout
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
             # Reconnect quickly after the allocator restarts.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
+        # Over a UNIX socket gRPC would check the certificate against the socket's path.
+        if credentials and (server_name or address.startswith("unix:")):
+            options.append(("grpc.ssl_target_name_override", server_name or "localhost"))
         self._channel = (
             grpc.secure_channel(address, credentials, options=options)
             if credentials

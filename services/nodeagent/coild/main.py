@@ -36,6 +36,12 @@ FLAGS = (
         "client certificate for the allocator",
     ),
     ("--allocator-tls-key", "COILD_ALLOCATOR_TLS_KEY", "", "client key for the allocator"),
+    (
+        "--allocator-tls-server-name",
+        "COILD_ALLOCATOR_TLS_SERVER_NAME",
+        "",
+        'name the allocator\'s certificate must carry ("localhost" for unix: addresses)',
+    ),
     ("--log-level", "COILD_LOG_LEVEL", "info", "debug, info, warning or error"),
 )
 
@@ -108,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             release_grace=args.release_grace,
             table=args.table_id,
         ),
-        AllocatorClient(args.allocator, args.allocator_timeout, credentials),
+        AllocatorClient(
+            args.allocator, args.allocator_timeout, credentials, args.allocator_tls_server_name
+        ),
         RouteExporter(args.table_id, args.protocol_id),
         events=metrics,
     )
