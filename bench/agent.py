@@ -3,13 +3,15 @@ and 128 concurrent gRPC clients (asyncio, in this process); every Allocate retur
 record is durable in etcd (coild's group commit through the allocator process).
 
 Costs per allocation come from the servers' own counters, read before and after each run:
-allocator RPCs from coil-allocator's /metrics (coil_allocator_rpcs_total), etcd transactions from
-etcd's /metrics (etcd_mvcc_txn_total: requests of more than one operation) and etcd puts
-(etcd_mvcc_put_total), coild's batch sizes from its /metrics inside the node namespace."""
+allocator RPCs from coil-allocator's /metrics (coil_allocator_rpcs_total), etcd requests from
+etcd's own /metrics (grpc_server_started_total for the KV methods Txn and Range) and the keys it
+wrote (etcd_mvcc_put_total), coild's batch sizes from its /metrics inside the node namespace."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 import time
 import uuid
@@ -74,6 +76,12 @@ async def _load(sock: Path, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scrape_in_netns(ns: Netns, url: str) -> dict[str, float]:
     """Scrape a /metrics page that listens on loopback inside `ns`."""
     code = f"import urllib.request;print(urllib.request.urlopen({url!r},timeout=5).read().decode())"
@@ -82,27 +90,36 @@ def scrape_in_netns(ns: Netns, url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            try:
+            with contextlib.suppress(ValueError):
                 out[name] = float(value)
-            except ValueError:
-                pass
     return out
 
 
 def run(lab: Lab, allocator_port: int, log: Callable[[str], None]) -> dict[str, Any]:
     seconds = pick(8, 1.0)
-    _, sock, ns = lab.start_coild("load-node", lab.allocators[0][1])
+    coild, sock, ns = lab.start_coild("load-node", lab.allocators[0][1])
+    # `ip netns exec` execs coild in place, so the pid is coild's.
+    pids = {
+        "coild": coild.popen.pid,
+        "allocator": lab.allocators[0][0].popen.pid,
+        "etcd": lab.etcd.proc.pid,
+        "load generator (bench)": os.getpid(),
+    }
     asyncio.run(_load(sock, 16, pick(1.5, 0.5)))  # warm up: blocks claimed, channels hot
     alloc_url = f"http://127.0.0.1:{allocator_port}/metrics"
     coild_url = "http://127.0.0.1:9384/metrics"
     runs = []
     for clients in CONCURRENCY:
         a0, e0, c0 = scrape(alloc_url), scrape(lab.etcd_metrics), scrape_in_netns(ns, coild_url)
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         result = asyncio.run(_load(sock, clients, seconds))
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         a1, e1, c1 = scrape(alloc_url), scrape(lab.etcd_metrics), scrape_in_netns(ns, coild_url)
         n = max(result["allocations"], 1)
 
-        def delta(before: dict[str, float], after: dict[str, float], name: str, f: str = "") -> float:
+        def delta(
+            before: dict[str, float], after: dict[str, float], name: str, f: str = ""
+        ) -> float:
             return metric_sum(after, name, f) - metric_sum(before, name, f)
 
         rpcs = delta(a0, a1, "coil_allocator_rpcs_total")
@@ -114,9 +131,17 @@ def run(lab: Lab, allocator_port: int, log: Callable[[str], None]) -> dict[str, 
                 "record_rpcs_per_allocation": round(
                     delta(a0, a1, "coil_allocator_rpcs_total", "RecordAllocations") / n, 3
                 ),
-                "etcd_txns_per_allocation": round(delta(e0, e1, "etcd_mvcc_txn_total") / n, 3),
+                "etcd_txns_per_allocation": round(
+                    delta(e0, e1, "grpc_server_started_total", 'grpc_method="Txn"') / n, 3
+                ),
+                "etcd_ranges_per_allocation": round(
+                    delta(e0, e1, "grpc_server_started_total", 'grpc_method="Range"') / n, 3
+                ),
                 "etcd_puts_per_allocation": round(delta(e0, e1, "etcd_mvcc_put_total") / n, 3),
                 "coild_mean_batch": round(items / batches, 2) if batches else None,
+                "cpu_ms_per_allocation": {
+                    name: round((cpu1[name] - cpu0[name]) * 1000 / n, 3) for name in pids
+                },
             }
         )
         runs.append(result)
@@ -125,6 +150,7 @@ def run(lab: Lab, allocator_port: int, log: Callable[[str], None]) -> dict[str, 
             f"Allocate p50 {result['allocate_ms']['p50']} ms, "
             f"{result['allocator_rpcs_per_allocation']} allocator RPCs and "
             f"{result['etcd_txns_per_allocation']} etcd txns per allocation (alloc+release), "
-            f"coild batch {result['coild_mean_batch']}"
+            f"coild batch {result['coild_mean_batch']}, "
+            f"CPU ms per cycle {result['cpu_ms_per_allocation']}"
         )
     return {"seconds_per_run": seconds, "runs": runs}

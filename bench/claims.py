@@ -35,7 +35,10 @@ async def _storm(allocators: list[str], pool: str, nodes: int) -> dict[str, Any]
 
     async def node(i: int) -> None:
         # Consecutive nodes go to different allocators, as a load balancer would spread them.
-        stub = stubs[(i % len(allocators)) * CHANNELS_PER_ALLOCATOR + (i // len(allocators)) % CHANNELS_PER_ALLOCATOR]
+        stub = stubs[
+            (i % len(allocators)) * CHANNELS_PER_ALLOCATOR
+            + (i // len(allocators)) % CHANNELS_PER_ALLOCATOR
+        ]
         t0 = time.perf_counter()
         try:
             reply = await stub.ClaimBlock(
@@ -69,14 +72,18 @@ def run(lab: Lab, log: Callable[[str], None]) -> dict[str, Any]:
     first = lab.allocators[0][1]
     second = lab.allocators[1][1] if len(lab.allocators) > 1 else lab.start_allocator("alloc-b")[1]
     out = []
-    for replicas, pool, subnet in ((1, "storm-one", "10.64.0.0/14"), (2, "storm-two", "10.68.0.0/14")):
+    for replicas, pool, subnet in (
+        (1, "storm-one", "10.64.0.0/14"),
+        (2, "storm-two", "10.68.0.0/14"),
+    ):
         create_pool(first, pool, subnet, POOL_BITS)
         allocators = [first, second][:replicas]
         result = asyncio.run(_storm(allocators, pool, nodes))
         result["pool"] = f"{subnet} in /{32 - POOL_BITS} blocks"
         out.append(result)
         log(
-            f"  {replicas} allocator(s): {nodes} nodes hold a block after {result['all_held_s']} s, "
+            f"  {replicas} allocator(s): {nodes} nodes hold a block after "
+            f"{result['all_held_s']} s, "
             f"{result['retries_per_claim']} retries per claim, {result['errors']} errors"
         )
     return {"runs": out}

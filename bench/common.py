@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -26,11 +26,12 @@ from tests.harness.cluster import Proc, start_allocator, start_coild
 from tests.harness.etcd import EtcdServer, free_port, start_etcd
 from tests.harness.net import Netns, cleanup_prefix
 
+_T = TypeVar("_T")
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 NS_PREFIX = "coilb-"
 
 
-def pick(full: int, quick: int) -> int:
+def pick(full: _T, quick: _T) -> _T:
     return quick if QUICK else full
 
 

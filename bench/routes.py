@@ -18,7 +18,10 @@ REPEATS = 3
 
 def _blocks(count: int, offset: int = 0) -> list[ipaddress.IPv4Network]:
     base = int(ipaddress.ip_address("10.0.0.0"))
-    return [ipaddress.ip_network(f"{ipaddress.ip_address(base + (offset + i) * 64)}/26") for i in range(count)]
+    return [
+        ipaddress.IPv4Network(f"{ipaddress.ip_address(base + (offset + i) * 64)}/26")
+        for i in range(count)
+    ]
 
 
 def run(lab: Lab, log: Callable[[str], None]) -> dict[str, Any]:
@@ -58,6 +61,7 @@ def run(lab: Lab, log: Callable[[str], None]) -> dict[str, Any]:
         }
     log(
         f"  {count} routes: fresh {out['fresh']['median_s']} s, restart no-op "
-        f"{out['restart_noop']['median_s']} s, 10% changed {out['restart_10pct_changed']['median_s']} s"
+        f"{out['restart_noop']['median_s']} s, "
+        f"10% changed {out['restart_10pct_changed']['median_s']} s"
     )
     return out

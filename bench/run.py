@@ -12,9 +12,9 @@ import json
 import os
 import platform
 import signal
-import traceback
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +60,20 @@ def targets(r: dict[str, Any]) -> list[Target]:
         s = r["cni"]["subjects"]
         coil, floor = s["coil"], s["floor"]
         out += [
-            Target("cni", "coil ADD p50 / floor ADD p50", round(coil["add_ms"]["p50"] / floor["add_ms"]["p50"], 3), 1.10, "x"),
-            Target("cni", "coil DEL p50 / floor DEL p50", round(coil["del_ms"]["p50"] / floor["del_ms"]["p50"], 3), 1.10, "x"),
+            Target(
+                "cni",
+                "coil ADD p50 / floor ADD p50",
+                round(coil["add_ms"]["p50"] / floor["add_ms"]["p50"], 3),
+                1.10,
+                "x",
+            ),
+            Target(
+                "cni",
+                "coil DEL p50 / floor DEL p50",
+                round(coil["del_ms"]["p50"] / floor["del_ms"]["p50"], 3),
+                1.10,
+                "x",
+            ),
             Target(
                 "cni",
                 "coil 16-way ADD+DEL throughput / floor's",
@@ -75,26 +87,67 @@ def targets(r: dict[str, Any]) -> list[Target]:
     if "agent" in r:
         top = r["agent"]["runs"][-1]
         out.append(
-            Target("agent", f"coild durable allocations/s at {top['clients']} clients", top["allocations_per_s"], 2000, "/s", True)
+            Target(
+                "agent",
+                f"coild durable allocations/s at {top['clients']} clients",
+                top["allocations_per_s"],
+                2000,
+                "/s",
+                True,
+            )
         )
     if "claims" in r:
         for run in r["claims"]["runs"]:
             n = run["replicas"]
             ok = run["claimed"] == run["nodes"]
             out.append(
-                Target("claims", f"claim storm, {n} allocator(s): all {run['nodes']} nodes hold a block", run["all_held_s"] if ok else None, 3, "s")
+                Target(
+                    "claims",
+                    f"claim storm, {n} allocator(s): all {run['nodes']} nodes hold a block",
+                    run["all_held_s"] if ok else None,
+                    3,
+                    "s",
+                )
             )
-            out.append(Target("claims", f"claim storm, {n} allocator(s): retries per claim", run["retries_per_claim"], 0.5, ""))
+            out.append(
+                Target(
+                    "claims",
+                    f"claim storm, {n} allocator(s): retries per claim",
+                    run["retries_per_claim"],
+                    0.5,
+                    "",
+                )
+            )
     if "scale" in r:
         sc = r["scale"]
         out.append(
-            Target("scale", f"coilctl usage over {sc['records']} records", sc["coilctl_usage"].get("median_s"), 1, "s")
+            Target(
+                "scale",
+                f"coilctl usage over {sc['records']} records",
+                sc["coilctl_usage"].get("median_s"),
+                1,
+                "s",
+            )
         )
         out.append(
-            Target("scale", "coild ready with 110 pods", sc["coild_ready_110_pods"].get("median_s"), 1, "s")
+            Target(
+                "scale",
+                "coild ready with 110 pods",
+                sc["coild_ready_110_pods"].get("median_s"),
+                1,
+                "s",
+            )
         )
     if "routes" in r:
-        out.append(Target("routes", f"{r['routes']['blocks']} routes into table 119 (fresh)", r["routes"]["fresh"]["median_s"], 1, "s"))
+        out.append(
+            Target(
+                "routes",
+                f"{r['routes']['blocks']} routes into table 119 (fresh)",
+                r["routes"]["fresh"]["median_s"],
+                1,
+                "s",
+            )
+        )
     return out
 
 
@@ -102,135 +155,237 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def header(*cells: str) -> list[str]:
+    return [row(*cells), "|" + "---|" * len(cells)]
+
+
+def timed(v: dict[str, Any]) -> str:
+    return f"{v['median_s']} s" if "median_s" in v else f"error: {v.get('error')}"
+
+
+def cni_section(c: dict[str, Any]) -> list[str]:
+    s = c["subjects"]
+    names = ("coil", "floor", "host-local")
+    lines = [
+        "",
+        f"## 1. CNI plugin exec'd as IPAM ({c['pods']} pods sequential, interleaved; the floor "
+        f"took {s['floor']['add_ms']['n']} of them, spread over the run; 16-way: "
+        f"{s['coil']['parallel']['pods']} pods ADD+DEL per subject)",
+        "",
+        "Floor = bench/floor_plugin.py run plain (`python floor_plugin.py`: site, full imports, "
+        "normal exit) against a canned server in the bench process. "
+        "host-local = /usr/lib/cni/host-local.",
+        "",
+        *header("figure", "coil", "floor (plain)", "host-local", "coil/floor", "coil/host-local"),
+    ]
+    for label, key, stat in (
+        ("ADD p50 ms", "add_ms", "p50"),
+        ("ADD p99 ms", "add_ms", "p99"),
+        ("CHECK p50 ms", "check_ms", "p50"),
+        ("CHECK p99 ms", "check_ms", "p99"),
+        ("DEL p50 ms", "del_ms", "p50"),
+        ("DEL p99 ms", "del_ms", "p99"),
+    ):
+        a, b, h = (s[n][key][stat] for n in names)
+        lines.append(row(label, f"{a:.1f}", f"{b:.1f}", f"{h:.1f}", ratio(a, b), ratio(a, h)))
+    a, b, h = (s[n]["parallel"]["ops_per_s"] for n in names)
+    lines.append(
+        row("16-way ADD+DEL execs/s", f"{a:.1f}", f"{b:.1f}", f"{h:.1f}", ratio(a, b), ratio(a, h))
+    )
+    a, b, h = (s[n]["peak_rss_mb"]["add_max"] for n in names)
+    lines.append(
+        row("peak RSS per exec, MB", f"{a:.1f}", f"{b:.1f}", f"{h:.1f}", ratio(a, b), ratio(a, h))
+    )
+    fails = {n: s[n]["failures"] for n in s}
+    lines += [
+        "",
+        f"Failed execs: {fails}. Peak RSS is measured under /usr/bin/time, apart from the "
+        "timed runs.",
+        "",
+        "![ADD latency CDF](add-latency.svg)",
+        "",
+        f"### Start-up options of the floor ({c['startup_n']} ADDs each, interleaved)",
+        "",
+        *header("variant", "ADD p50 ms", "ADD p99 ms", "peak RSS MB", "saves vs plain floor (p50)"),
+    ]
+    for v in c["startup"]:
+        ms = v["add_ms"]
+        saved = f"{v['saves_ms_vs_plain_floor']:+.1f} ms"
+        lines.append(
+            row(v["variant"], f"{ms['p50']:.1f}", f"{ms['p99']:.1f}", v["peak_rss_mb"], saved)
+        )
+    return lines
+
+
+def agent_section(a: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## 2. coild alone ({a['seconds_per_run']} s per run; Allocate then Release per pod, "
+        "records durable in etcd)",
+        "",
+        "Per alloc+release cycle: allocator RPCs (coil_allocator_rpcs_total), etcd Txn and Range "
+        "requests (etcd's grpc_server_started_total), keys written (etcd_mvcc_put_total).",
+        "",
+        *header(
+            "clients",
+            "allocations/s",
+            "Allocate p50 / p99 ms",
+            "Release p50 / p99 ms",
+            "allocator RPCs",
+            "etcd Txn",
+            "etcd Range",
+            "etcd puts",
+            "coild mean batch",
+            "errors",
+        ),
+    ]
+    for run in a["runs"]:
+        al, rl = run["allocate_ms"], run["release_ms"]
+        lines.append(
+            row(
+                run["clients"],
+                f"{run['allocations_per_s']:.0f}",
+                f"{al['p50']:.2f} / {al['p99']:.2f}",
+                f"{rl['p50']:.2f} / {rl['p99']:.2f}",
+                run["allocator_rpcs_per_allocation"],
+                run["etcd_txns_per_allocation"],
+                run["etcd_ranges_per_allocation"],
+                run["etcd_puts_per_allocation"],
+                run["coild_mean_batch"],
+                run["errors"],
+            )
+        )
+    names = list(a["runs"][0]["cpu_ms_per_allocation"])
+    lines += [
+        "",
+        "CPU time per alloc+release cycle, ms (from /proc/PID/stat; all threads):",
+        "",
+        *header("clients", *names, "total", "2-core ceiling, cycles/s"),
+    ]
+    for run in a["runs"]:
+        cpu = run["cpu_ms_per_allocation"]
+        total = sum(cpu.values())
+        cells = [f"{cpu[n]:.2f}" for n in names]
+        lines.append(row(run["clients"], *cells, f"{total:.2f}", f"{2000 / total:.0f}"))
+    return lines
+
+
+def claims_section(cl: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## 3. Claim storm (every node claims its first block at once)",
+        "",
+        *header(
+            "allocators",
+            "nodes",
+            "pool",
+            "all hold a block after s",
+            "claim p50 / p99 ms",
+            "retries per claim",
+            "max retries",
+            "errors",
+        ),
+    ]
+    for run in cl["runs"]:
+        ms = run["claim_ms"]
+        lines.append(
+            row(
+                run["replicas"],
+                f"{run['claimed']}/{run['nodes']}",
+                run["pool"],
+                run["all_held_s"],
+                f"{ms['p50']:.0f} / {ms['p99']:.0f}",
+                run["retries_per_claim"],
+                run["max_retries"],
+                run["errors"],
+            )
+        )
+    return lines
+
+
+def scale_section(sc: dict[str, Any]) -> list[str]:
+    ready = sc["coild_ready_110_pods"]
+    return [
+        "",
+        f"## 4. Scale ({sc['nodes']} nodes holding blocks, {sc['records']} records, "
+        f"one node with {sc['big_node_records']} pods)",
+        "",
+        *header("figure", "value"),
+        row(
+            "state written (domain API in-process, 8 threads)",
+            f"claims {sc['claim_s']} s, records {sc['record_s']} s "
+            f"({sc['records_per_s_written']}/s)",
+        ),
+        row("`coilctl usage` (wall, incl. CLI start)", timed(sc["coilctl_usage"])),
+        row("GetUsage RPC alone", timed(sc["rpc_get_usage"])),
+        row("`coilctl pool show default`", timed(sc["coilctl_pool_show"])),
+        row("GetPool RPC alone", timed(sc["rpc_get_pool"])),
+        row("`coilctl address info ADDR`", timed(sc["coilctl_address_info"])),
+        row("GetAddress RPC alone", timed(sc["rpc_get_address"])),
+        row("`coilctl version` (CLI start, no RPC)", timed(sc["coilctl_version"])),
+        row("coild start to ready, 110 pods", f"{timed(ready)} (runs {ready.get('runs_s')})"),
+        row(
+            "coil-allocator RSS after the reads",
+            f"{sc['allocator_rss_mb']} MB (peak {sc['allocator_peak_rss_mb']} MB; "
+            f"before the reads {sc['allocator_rss_mb_before_reads']} MB)",
+        ),
+        row("etcd bytes per record (db in use: growth / records)", sc["etcd_bytes_per_record"]),
+        row(
+            "etcd db size after",
+            f"in use {sc['etcd_db_in_use_bytes_after'] / 2**20:.1f} MiB, "
+            f"file {sc['etcd_db_total_bytes_after'] / 2**20:.1f} MiB",
+        ),
+    ]
+
+
+def routes_section(ro: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"## 5. Route export ({ro['blocks']} blocks, table 119, median of 3 namespaces)",
+        "",
+        *header("case", "seconds"),
+        row("fresh namespace", ro["fresh"]["median_s"]),
+        row("new exporter, same set (no-op)", ro["restart_noop"]["median_s"]),
+        row("new exporter, 10% replaced", ro["restart_10pct_changed"]["median_s"]),
+        "",
+        f"Checks: {ro['checks']}",
+    ]
+
+
 def markdown(r: dict[str, Any], tgts: list[Target]) -> str:
     m = r["machine"]
+    kind = "QUICK smoke run" if r["quick"] else "full run"
     lines = [
         "# coil benchmark results",
         "",
-        f"Run {r['finished']} ({'QUICK smoke run' if r['quick'] else 'full run'}), {r['duration_s']:.0f} s. "
-        f"Machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}, {m['kernel']}. "
-        f"Load average before/after: {m['load_before']} / {m['load_after']} "
+        f"Run {r['finished']} ({kind}), {r['duration_s']:.0f} s. Machine: {m['nproc']} cores, "
+        f"{m['cpu']}, Python {m['python']}, kernel {m['kernel']}. Load average before/after: "
+        f"{m['load_before']} / {m['load_after']} "
         "(other work on the machine may have been running).",
         "",
         "## Targets",
         "",
-        "| | target | measured |",
-        "|---|---|---|",
+        *header("", "target", "measured"),
     ]
     for t in tgts:
-        lines.append(f"| {'PASS' if t.passed else '**MISS**'} | {t.line().split(': ', 1)[0]} | {t.line().split(': ', 1)[1]} |")
-    if "cni" in r:
-        c = r["cni"]
-        s = c["subjects"]
-        lines += [
-            "",
-            f"## 1. CNI plugin exec'd as IPAM ({c['pods']} pods sequential, interleaved; 16-way: "
-            f"{s['coil']['parallel']['pods']} pods ADD+DEL per subject)",
-            "",
-            "Floor = bench/floor_plugin.py run plain (`python floor_plugin.py`: site, full imports, "
-            "normal exit) against a canned server in the bench process. host-local = /usr/lib/cni/host-local.",
-            "",
-            "| figure | coil | floor (plain) | host-local | coil/floor | coil/host-local |",
-            "|---|---|---|---|---|---|",
-        ]
-        for label, key, stat in (
-            ("ADD p50 ms", "add_ms", "p50"),
-            ("ADD p99 ms", "add_ms", "p99"),
-            ("CHECK p50 ms", "check_ms", "p50"),
-            ("CHECK p99 ms", "check_ms", "p99"),
-            ("DEL p50 ms", "del_ms", "p50"),
-            ("DEL p99 ms", "del_ms", "p99"),
-        ):
-            a, b, h = (s[n][key][stat] for n in ("coil", "floor", "host-local"))
-            lines.append(f"| {label} | {a:.1f} | {b:.1f} | {h:.1f} | {ratio(a, b)} | {ratio(a, h)} |")
-        a, b, h = (s[n]["parallel"]["ops_per_s"] for n in ("coil", "floor", "host-local"))
-        lines.append(f"| 16-way ADD+DEL execs/s | {a:.1f} | {b:.1f} | {h:.1f} | {ratio(a, b)} | {ratio(a, h)} |")
-        a, b, h = (s[n]["peak_rss_mb"]["add_max"] for n in ("coil", "floor", "host-local"))
-        lines.append(f"| peak RSS per exec, MB | {a:.1f} | {b:.1f} | {h:.1f} | {ratio(a, b)} | {ratio(a, h)} |")
-        fails = {n: s[n]["failures"] for n in s}
-        lines += [
-            "",
-            f"Failed execs: {fails}. Peak RSS is measured under /usr/bin/time apart from the timed runs.",
-            "",
-            "![ADD latency CDF](add-latency.svg)",
-            "",
-            f"### Start-up options of the floor ({c['startup_n']} ADDs each, interleaved)",
-            "",
-            "| variant | ADD p50 ms | ADD p99 ms | peak RSS MB | saves vs plain floor (p50) |",
-            "|---|---|---|---|---|",
-        ]
-        for row in c["startup"]:
-            lines.append(
-                f"| {row['variant']} | {row['add_ms']['p50']:.1f} | {row['add_ms']['p99']:.1f} | "
-                f"{row['peak_rss_mb']:.1f} | {row['saves_ms_vs_plain_floor']:+.1f} ms |"
-            )
-    if "agent" in r:
-        lines += [
-            "",
-            f"## 2. coild alone ({r['agent']['seconds_per_run']} s per run; Allocate then Release per pod, records durable in etcd)",
-            "",
-            "| clients | allocations/s | Allocate p50 / p99 ms | Release p50 / p99 ms | allocator RPCs per alloc+release | etcd txns per alloc+release | etcd puts per alloc+release | coild mean batch | errors |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for run in r["agent"]["runs"]:
-            lines.append(
-                f"| {run['clients']} | {run['allocations_per_s']:.0f} | {run['allocate_ms']['p50']:.2f} / {run['allocate_ms']['p99']:.2f} | "
-                f"{run['release_ms']['p50']:.2f} / {run['release_ms']['p99']:.2f} | {run['allocator_rpcs_per_allocation']} | "
-                f"{run['etcd_txns_per_allocation']} | {run['etcd_puts_per_allocation']} | {run['coild_mean_batch']} | {run['errors']} |"
-            )
-    if "claims" in r:
-        lines += [
-            "",
-            "## 3. Claim storm (every node claims its first block at once)",
-            "",
-            "| allocators | nodes | pool | all hold a block after s | claim p50 / p99 ms | retries per claim | max retries | errors |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for run in r["claims"]["runs"]:
-            lines.append(
-                f"| {run['replicas']} | {run['claimed']}/{run['nodes']} | {run['pool']} | {run['all_held_s']} | "
-                f"{run['claim_ms']['p50']:.0f} / {run['claim_ms']['p99']:.0f} | {run['retries_per_claim']} | {run['max_retries']} | {run['errors']} |"
-            )
-    if "scale" in r:
-        sc = r["scale"]
-
-        def t(key: str) -> str:
-            v = sc[key]
-            return f"{v['median_s']} s" if "median_s" in v else f"error: {v.get('error')}"
-
-        lines += [
-            "",
-            f"## 4. Scale ({sc['nodes']} nodes holding blocks, {sc['records']} records, one node with {sc['big_node_records']} pods)",
-            "",
-            "| figure | value |",
-            "|---|---|",
-            f"| state written (domain API in-process, 8 threads) | claims {sc['claim_s']} s, records {sc['record_s']} s ({sc['records_per_s_written']}/s) |",
-            f"| `coilctl usage` (wall, incl. CLI start) | {t('coilctl_usage')} |",
-            f"| GetUsage RPC alone | {t('rpc_get_usage')} |",
-            f"| `coilctl pool show default` | {t('coilctl_pool_show')} |",
-            f"| GetPool RPC alone | {t('rpc_get_pool')} |",
-            f"| `coilctl address info ADDR` | {t('coilctl_address_info')} |",
-            f"| GetAddress RPC alone | {t('rpc_get_address')} |",
-            f"| `coilctl version` (CLI start, no RPC) | {t('coilctl_version')} |",
-            f"| coild start to ready, 110 pods | {t('coild_ready_110_pods')} (runs {sc['coild_ready_110_pods'].get('runs_s')}) |",
-            f"| coil-allocator RSS after the reads | {sc['allocator_rss_mb']} MB (peak {sc['allocator_peak_rss_mb']} MB; before reads {sc['allocator_rss_mb_before_reads']} MB) |",
-            f"| etcd bytes per record (db in use, growth / records) | {sc['etcd_bytes_per_record']} |",
-            f"| etcd db size after | in use {sc['etcd_db_in_use_bytes_after'] / 2**20:.1f} MiB, file {sc['etcd_db_total_bytes_after'] / 2**20:.1f} MiB |",
-        ]
-    if "routes" in r:
-        ro = r["routes"]
-        lines += [
-            "",
-            f"## 5. Route export ({ro['blocks']} blocks, table 119, median of 3 namespaces)",
-            "",
-            "| case | seconds |",
-            "|---|---|",
-            f"| fresh namespace | {ro['fresh']['median_s']} |",
-            f"| new exporter, same set (no-op) | {ro['restart_noop']['median_s']} |",
-            f"| new exporter, 10% replaced | {ro['restart_10pct_changed']['median_s']} |",
-            "",
-            f"Checks: {ro['checks']}",
-        ]
+        what, measured = t.line().split(": ", 1)
+        lines.append(row("PASS" if t.passed else "**MISS**", what, measured))
+    if r.get("errors"):
+        lines += ["", f"Sections that failed: {r['errors']}"]
+    sections: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+        "cni": cni_section,
+        "agent": agent_section,
+        "claims": claims_section,
+        "scale": scale_section,
+        "routes": routes_section,
+    }
+    for name, render in sections.items():
+        if name in r:
+            lines += render(r[name])
     return "\n".join(lines) + "\n"
 
 
@@ -278,14 +433,21 @@ def main() -> int:
     r["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     tgts = targets(r)
     r["targets"] = [
-        {"section": t.section, "what": t.what, "measured": t.measured, "limit": t.limit, "unit": t.unit, "pass": t.passed}
+        {
+            "section": t.section,
+            "what": t.what,
+            "measured": t.measured,
+            "limit": t.limit,
+            "unit": t.unit,
+            "pass": t.passed,
+        }
         for t in tgts
     ]
     RESULTS.mkdir(exist_ok=True)
     if "cni" in r:
         raw = r["cni"]["raw_add_ms"]
         chart = svg.add_latency_cdf(
-            {"coil": raw["coil"], "floor (plain Python gRPC client)": raw["floor"], "host-local (Go)": raw["host-local"]},
+            {"coil": raw["coil"], "floor (plain)": raw["floor"], "host-local": raw["host-local"]},
             f"CNI ADD latency, {r['cni']['pods']} sequential execs each",
         )
         (RESULTS / "add-latency.svg").write_text(chart)

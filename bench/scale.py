@@ -37,7 +37,9 @@ WRITERS = 8
 REPEATS = 3
 
 
-def _records(node: str, block: ipaddress.IPv4Network, count: int, first: int = 0) -> list[RecordRequest]:
+def _records(
+    node: str, block: ipaddress.IPv4Network, count: int, first: int = 0
+) -> list[RecordRequest]:
     hosts = list(block)[2:]  # skip the network address and, in the first block, the gateway
     return [
         RecordRequest(
@@ -55,12 +57,12 @@ def _free_blocks(allocator: Allocator, needed: int) -> list[ipaddress.IPv4Networ
     prefix = allocator.keys.blocks(POOL)
     held_kvs, _ = allocator.store.range(prefix, keys_only=True)
     held = {allocator.keys.strip(kv.key, prefix) for kv in held_kvs}
-    out = []
+    out: list[ipaddress.IPv4Network] = []
     size = 2 ** (32 - BLOCK_PREFIX)
     top = int(SUBNET.broadcast_address) + 1 - size
     addr = top
     while len(out) < needed and addr >= int(SUBNET.network_address):
-        block = ipaddress.ip_network(f"{ipaddress.ip_address(addr)}/{BLOCK_PREFIX}")
+        block = ipaddress.IPv4Network(f"{ipaddress.ip_address(addr)}/{BLOCK_PREFIX}")
         if f"{block.network_address}_{BLOCK_PREFIX}" not in held:
             out.append(block)
         addr -= size
@@ -159,8 +161,13 @@ def _coild_ready(lab: Lab, allocator: str) -> dict[str, Any]:
         sock.unlink(missing_ok=True)
         t0 = time.perf_counter()
         proc = start_coild(
-            ns, BIG_NODE, allocator, sock, lab.root / "coild-big.log",
-            extra=["--log-level", "warning"], wait=False,
+            ns,
+            BIG_NODE,
+            allocator,
+            sock,
+            lab.root / "coild-big.log",
+            extra=["--log-level", "warning"],
+            wait=False,
         )
         try:
             ready = None
@@ -169,7 +176,9 @@ def _coild_ready(lab: Lab, allocator: str) -> dict[str, Any]:
                     try:
                         with grpc.insecure_channel(f"unix:{sock}") as ch:
                             npb_grpc.NodeAgentServiceStub(ch).Check(
-                                npb.CheckRequest(attachment=npb.Attachment(container_id="probe", interface="x")),
+                                npb.CheckRequest(
+                                    attachment=npb.Attachment(container_id="probe", interface="x")
+                                ),
                                 timeout=1,
                             )
                     except grpc.RpcError as e:
@@ -183,7 +192,11 @@ def _coild_ready(lab: Lab, allocator: str) -> dict[str, Any]:
         finally:
             proc.stop()
     routes = len(ns.routes(table="119"))
-    return {"median_s": round(statistics.median(times), 3), "runs_s": [round(t, 3) for t in times], "routes_in_table_119": routes}
+    return {
+        "median_s": round(statistics.median(times), 3),
+        "runs_s": [round(t, 3) for t in times],
+        "routes_in_table_119": routes,
+    }
 
 
 def run(lab: Lab, log: Callable[[str], None]) -> dict[str, Any]:
@@ -197,8 +210,12 @@ def run(lab: Lab, log: Callable[[str], None]) -> dict[str, Any]:
     out["coilctl_pool_show"] = _time_cli([*ctl, "pool", "show", POOL])
     out["coilctl_address_info"] = _time_cli([*ctl, "address", "info", address])
     out["coilctl_version"] = _time_cli(["version"])
-    out["rpc_get_usage"] = _time_rpc(allocator, lambda s: s.GetUsage(apb.GetUsageRequest(), timeout=60))
-    out["rpc_get_pool"] = _time_rpc(allocator, lambda s: s.GetPool(apb.GetPoolRequest(name=POOL), timeout=60))
+    out["rpc_get_usage"] = _time_rpc(
+        allocator, lambda s: s.GetUsage(apb.GetUsageRequest(), timeout=60)
+    )
+    out["rpc_get_pool"] = _time_rpc(
+        allocator, lambda s: s.GetPool(apb.GetPoolRequest(name=POOL), timeout=60)
+    )
     out["rpc_get_address"] = _time_rpc(
         allocator, lambda s: s.GetAddress(apb.GetAddressRequest(address=address), timeout=60)
     )
@@ -209,7 +226,8 @@ def run(lab: Lab, log: Callable[[str], None]) -> dict[str, Any]:
     log(
         f"  coilctl usage {out['coilctl_usage'].get('median_s')} s, pool show "
         f"{out['coilctl_pool_show'].get('median_s')} s, address info "
-        f"{out['coilctl_address_info'].get('median_s')} s; allocator RSS {out['allocator_rss_mb']} MB"
+        f"{out['coilctl_address_info'].get('median_s')} s; "
+        f"allocator RSS {out['allocator_rss_mb']} MB"
     )
     out["coild_ready_110_pods"] = _coild_ready(lab, allocator)
     log(f"  coild ready with {BIG_PODS} pods: {out['coild_ready_110_pods']}")

@@ -7,8 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from html import escape
 
-WIDTH, HEIGHT = 760, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 60
+WIDTH, HEIGHT = 860, 420
+LEFT, RIGHT, TOP, BOTTOM = 70, 250, 40, 60
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
@@ -20,7 +20,12 @@ def add_latency_cdf(series: Mapping[str, Sequence[float]], title: str) -> str:
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x(ms: float) -> float:
-        return LEFT + (math.log10(max(ms, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * plot_w
+        return (
+            LEFT
+            + (math.log10(max(ms, lo)) - math.log10(lo))
+            / (math.log10(hi) - math.log10(lo))
+            * plot_w
+        )
 
     def y(share: float) -> float:
         return TOP + (1 - share) * plot_h
@@ -55,7 +60,9 @@ def add_latency_cdf(series: Mapping[str, Sequence[float]], title: str) -> str:
             f'<line x1="{LEFT}" y1="{gy:.1f}" x2="{LEFT + plot_w}" y2="{gy:.1f}" '
             f'stroke="{"#bbb" if tenth % 5 == 0 else "#eee"}"/>'
         )
-        parts.append(f'<text x="{LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end">{tenth * 10}%</text>')
+        parts.append(
+            f'<text x="{LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end">{tenth * 10}%</text>'
+        )
     parts.append(
         f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 18}" text-anchor="middle">'
         "ADD latency per exec, ms (log scale)</text>"
@@ -73,14 +80,16 @@ def add_latency_cdf(series: Mapping[str, Sequence[float]], title: str) -> str:
             points.append(f"{x(ms):.1f},{y(k / n):.1f}")
             points.append(f"{x(ms):.1f},{y((k + 1) / n):.1f}")
         parts.append(
-            f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{" ".join(points)}"/>'
+            f'<polyline fill="none" stroke="{color}" stroke-width="1.8" '
+            f'points="{" ".join(points)}"/>'
         )
         p50 = data[n // 2]
         ly = TOP + 10 + i * 22
         lx = LEFT + plot_w + 14
-        parts.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 22}" y2="{ly}" stroke="{color}" stroke-width="3"/>')
         parts.append(
-            f'<text x="{lx + 28}" y="{ly + 4}">{escape(name)} (p50 {p50:.1f} ms)</text>'
+            f'<line x1="{lx}" y1="{ly}" x2="{lx + 22}" y2="{ly}" '
+            f'stroke="{color}" stroke-width="3"/>'
         )
+        parts.append(f'<text x="{lx + 28}" y="{ly + 4}">{escape(name)} (p50 {p50:.1f} ms)</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
