@@ -9,7 +9,9 @@ from __future__ import annotations
 import compileall
 import json
 import os
+import socketserver
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -120,6 +122,37 @@ class Subject:
             "add_p50": round(sorted(add)[len(add) // 2] / 1024, 1),
             "del_max": round(max(delete) / 1024, 1),
         }
+
+
+RAW_PLUGIN = """#!{python} -IS
+import json, os, socket, sys
+conf = json.loads(sys.stdin.buffer.read())
+env = os.environ
+request = {{"command": env["CNI_COMMAND"], "container_id": env["CNI_CONTAINERID"],
+           "interface": env["CNI_IFNAME"]}}
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(conf["ipam"]["socket"])
+    s.sendall(json.dumps(request).encode() + b"\\n")
+    reply = json.loads(s.makefile("rb").readline())
+if env["CNI_COMMAND"] == "ADD":
+    sys.stdout.write(json.dumps({{"cniVersion": conf["cniVersion"], "ips": reply["ips"]}}) + "\\n")
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def serve_raw(path: Path) -> socketserver.ThreadingUnixStreamServer:
+    """A canned JSON-lines server: what a plugin would talk to if coild spoke no gRPC to it."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            self.rfile.readline()
+            self.wfile.write(b'{"ips": [{"address": "10.1.2.3/32", "gateway": "10.1.0.1"}]}\n')
+
+    server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def launcher(path: Path, paths: list[str], defer: bool, fast_exit: bool) -> list[str]:
@@ -262,6 +295,21 @@ def run(lab: Lab, allocator: str, log: Callable[[str], None]) -> dict[str, Any]:
         Subject(name, argv, {"type": "coil", "socket": str(canned_sock)})
         for name, argv, _ in variants
     ]
+    # Not a gRPC client: what the plugin would cost if coild offered it a plain protocol.
+    raw_sock = lab.root / "raw.sock"
+    raw = serve_raw(raw_sock)
+    lab.stack.callback(raw.server_close)
+    lab.stack.callback(raw.shutdown)
+    raw_script = lab.root / "raw-plugin"
+    raw_script.write_text(RAW_PLUGIN.format(python=sys.executable))
+    raw_script.chmod(0o755)
+    vsubjects.append(
+        Subject(
+            "no grpc: -I -S, json over a plain UNIX socket, os._exit (other protocol)",
+            [str(raw_script)],
+            {"type": "coil", "socket": str(raw_sock)},
+        )
+    )
     vsubjects.append(Subject("coil plugin (coil_cni launcher) against coild", coil.argv, coil.ipam))
     ids = [uuid.uuid4().hex for _ in range(startup_n)]
     for pod in ids:
