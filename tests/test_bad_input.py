@@ -325,18 +325,6 @@ A = apb
 N = npb
 GOOD_ATTACHMENT = N.Attachment(container_id=CONTAINER, interface="eth0")
 
-SCOPE_ID_BUG = (
-    "ipaddress.ip_address accepts an IPv6 scope id, and neither the CNI plugin, coild nor the "
-    "allocator's parse_address rejects it: the address is recorded in etcd under a key holding "
-    '"%eth0" and the pod gets "fd00:100::9%eth0/48"'
-)
-ATTACHMENT_BUG = (
-    "coild passes container IDs and interface names on unchecked; the allocator refuses the "
-    "record (RECORD_OUTCOME_INVALID), which coild turns into AllocatorRejected, gRPC INTERNAL "
-    "(CNI 999) instead of INVALID_ARGUMENT (CNI 4 or 7); and for a dual-stack pool the IPv6 "
-    "block claimed for the pod before the record was refused stays held in etcd"
-)
-
 CASES = [
     # --- CNI: network configuration on stdin ---
     case("conf-not-json", "cni-config", cni(conf="{not json"), 6, "not valid JSON", "{not json"),
@@ -356,9 +344,6 @@ CASES = [
         6,
         "not valid JSON",
         "[[[[",
-        bug="json.loads raises RecursionError (not a ValueError) on deep nesting; parse_netconf "
-        "lets it through and run() reports code 999 'unexpected error: RecursionError(...)' "
-        "instead of 6",
     ),
     case(
         "conf-no-cniVersion",
@@ -521,8 +506,6 @@ CASES = [
         102,
         "10.100.1.5",
         '"node-y"',
-        bug='the message names only the block and its holder (\'block claim "10.100.1.0/27": '
-        'held by node "node-y"\'), never the requested address 10.100.1.5',
     ),
     case(
         "conf-ips-with-scope-id-fd00:100::9%eth0",
@@ -530,7 +513,6 @@ CASES = [
         cni(conf=conf_with(runtimeConfig={"ips": ["fd00:100::9%eth0"]})),
         7,
         "fd00:100::9%eth0",
-        bug=SCOPE_ID_BUG,
     ),
     case(
         "conf-GC-without-valid-attachments",
@@ -580,9 +562,6 @@ CASES = [
         cni(env={"CNI_CONTAINERID": "a" * 300}),
         4,
         "a" * 300,
-        bug="the plugin accepts a container ID of any length but the allocator allows at most 255 "
-        "characters: the record is refused, coild maps the INVALID outcome to AllocatorRejected "
-        "(INTERNAL) and the runtime gets CNI code 999 'failed with INTERNAL' instead of 4",
     ),
     case("env-CNI_IFNAME-with-colon", "cni-env", cni(env={"CNI_IFNAME": "eth0:1"}), 4, "'eth0:1'"),
     case(
@@ -598,8 +577,6 @@ CASES = [
         cni(env={"CNI_IFNAME": os.fsdecode(b"eth\x80")}),
         4,
         "CNI_IFNAME",
-        bug="attachment_from_env calls ifname.encode() on the surrogate-escaped value Python makes "
-        "of a non-UTF-8 variable: UnicodeEncodeError, reported as code 999 'unexpected error'",
     ),
     case("env-ADD-without-CNI_NETNS", "cni-env", cni(env={"CNI_NETNS": ""}), 4, "CNI_NETNS"),
     case(
@@ -639,9 +616,6 @@ CASES = [
         cni(env={"CNI_ARGS": "K8S_POD_NAMESPACE=" + os.fsdecode(b"team\xff")}),
         4,
         "K8S_POD_NAMESPACE",
-        bug="parse_cni_args accepts a value that is not UTF-8 (a surrogate escape in os.environ); "
-        "building the AllocateRequest protobuf then raises UnicodeEncodeError, reported as code "
-        "999 'unexpected error' instead of 4 naming CNI_ARGS",
     ),
     # --- coild's NodeAgentService ---
     case(
@@ -763,8 +737,6 @@ CASES = [
         "INVALID_ARGUMENT",
         '"10.100.255.255"',
         "reserved",
-        bug="coild claims the block 10.100.255.224/27 in etcd before it finds the address is "
-        "reserved (the subnet's broadcast address); the request is refused but the claim stays",
     ),
     case(
         "coild-requested-with-scope-id-fd00:100::9%eth0",
@@ -775,7 +747,6 @@ CASES = [
         ),
         "INVALID_ARGUMENT",
         '"fd00:100::9%eth0"',
-        bug=SCOPE_ID_BUG,
     ),
     case(
         "coild-container-id-with-slash",
@@ -786,7 +757,6 @@ CASES = [
         ),
         "INVALID_ARGUMENT",
         '"../etc"',
-        bug=ATTACHMENT_BUG,
     ),
     case(
         "coild-interface-16-chars",
@@ -797,7 +767,6 @@ CASES = [
         ),
         "INVALID_ARGUMENT",
         '"' + "i" * 16 + '"',
-        bug=ATTACHMENT_BUG,
     ),
     # --- the allocator's AllocatorService ---
     case(
@@ -1034,7 +1003,6 @@ CASES = [
         record_item("fd00:100::9%eth0", block="fd00:100::/123"),
         "RECORD_OUTCOME_INVALID",
         '"fd00:100::9%eth0"',
-        bug=SCOPE_ID_BUG,
     ),
     case(
         "alloc-record-pool-empty",
@@ -1401,9 +1369,6 @@ CASES = [
         coilctl("--allocator", "http://[::1", "pool", "list", allocator=False),
         2,
         '"http://[::1"',
-        bug="check_address only checks that the text after the last ':' is a port, so "
-        '"http://[::1" passes as host:port; coilctl then dials it and exits 3 ("cannot reach '
-        'the allocator ... Misformatted domain name") instead of 2, a usage error',
     ),
 ]
 

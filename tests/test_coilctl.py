@@ -362,8 +362,8 @@ def test_pool_show_draws_the_block_map(run: Run, allocator: Allocator) -> None:
 
 def test_pool_show_summarizes_large_subnets(run: Run, allocator: Allocator) -> None:
     allocator.create_pool("wide", ["10.0.0.0/16"], 0)  # 65536 one-address blocks
-    held, _ = allocator.claim_block("node-1", "wide", Family.IPV4)
-    allocator.claim_block("node-1", "wide", Family.IPV4)
+    held = allocator.claim_specific_block("node-1", "wide", "10.0.5.5/32")
+    allocator.claim_specific_block("node-1", "wide", "10.0.5.6/32")
     fill(allocator, held, 1)
     r = run("pool", "show", "wide")
     assert r.code == 0, r.err
@@ -386,9 +386,10 @@ def test_pool_show_errors(
 
 def test_node_blocks(run: Run, allocator: Allocator) -> None:
     allocator.create_pool("default", ["10.0.0.0/24"], 2)
-    a, _ = allocator.claim_block("node-1", "default", Family.IPV4)
-    b, _ = allocator.claim_block("node-1", "default", Family.IPV4)
-    allocator.claim_block("node-2", "default", Family.IPV4)
+    # Blocks clear of the subnet's reserved addresses, so each offers all 4 addresses.
+    a = allocator.claim_specific_block("node-1", "default", "10.0.0.16/30")
+    b = allocator.claim_specific_block("node-1", "default", "10.0.0.20/30")
+    allocator.claim_specific_block("node-2", "default", "10.0.0.32/30")
     fill(allocator, a, 2)
 
     r = run("node", "blocks", "node-1")

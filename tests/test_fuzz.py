@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -249,11 +248,6 @@ def test_cni_environment_parse_or_fail_with_code_4(env: dict[str, str], command:
     assert attachment.container_id and attachment.ifname
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an interface name that is not UTF-8 (os.environ holds it as a surrogate escape) "
-    "makes attachment_from_env raise UnicodeEncodeError from ifname.encode(), not CNIError",
-)
 @FUZZ
 @given(
     st.tuples(st.binary(max_size=6), st.binary(max_size=6)).map(

@@ -41,7 +41,7 @@ KNOWN_ARGS = (
     "K8S_POD_UID",
 )
 
-_CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+_CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,254}")
 _IFNAME_MAX = 15  # IFNAMSIZ - 1
 
 
@@ -80,11 +80,21 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
+def _printable_utf8(text: str) -> bool:
+    """False for text with bytes that were not UTF-8 (os.environ keeps them as surrogates) or
+    with control characters."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return text.isprintable()
+
+
 def parse_netconf(data: bytes) -> dict[str, Any]:
     """Decode the configuration on stdin; code 6 if it is not a JSON object."""
     try:
         conf = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested beyond any real config
         shown = data[:200].decode("utf-8", "replace")
         raise CNIError(
             DECODING_FAILURE, f"network configuration on stdin is not valid JSON: {shown!r}", str(e)
@@ -190,6 +200,8 @@ def requested_addresses(conf: Mapping[str, Any]) -> list[str]:
     result: list[str] = []
     for entry, where in found:
         try:
+            if "%" in entry:
+                raise ValueError("scoped addresses are link-local; pods cannot ask for them")
             address = str(ipaddress.ip_address(entry.split("/", 1)[0]))
             if "/" in entry:
                 ipaddress.ip_interface(entry)  # the prefix length must be valid too
@@ -217,6 +229,11 @@ def parse_cni_args(value: str) -> PodRef:
             raise CNIError(
                 INVALID_ENVIRONMENT,
                 f"CNI_ARGS item {item!r} is not KEY=VALUE (CNI_ARGS={value!r})",
+            )
+        if not _printable_utf8(key + val):
+            raise CNIError(
+                INVALID_ENVIRONMENT,
+                f"CNI_ARGS item {item!r} is not printable UTF-8 text",
             )
         pairs[key] = val
     ignore = pairs.get("IgnoreUnknown", "false").lower()
@@ -255,11 +272,12 @@ def attachment_from_env(env: Mapping[str, str], command: str) -> Attachment:
         raise CNIError(
             INVALID_ENVIRONMENT,
             f"CNI_CONTAINERID {container_id!r} is not a valid container ID "
-            "(letters, digits, '_', '.', '-', not starting with a punctuation mark)",
+            "(1-255 letters, digits, '_', '.', '-', not starting with a punctuation mark)",
         )
     ifname = _required(env, "CNI_IFNAME", command)
     if (
-        len(ifname.encode()) > _IFNAME_MAX
+        not _printable_utf8(ifname)
+        or len(ifname.encode()) > _IFNAME_MAX
         or ifname in (".", "..")
         or any(c in ifname for c in "/:")
         or any(c.isspace() for c in ifname)

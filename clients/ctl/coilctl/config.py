@@ -95,7 +95,9 @@ def check_address(address: str, source: str) -> str:
             return address
     else:
         host, _, port = address.rpartition(":")
-        if host and port.isdigit() and 0 < int(port) < 65536:
+        bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+        plain = bool(host) and not any(c in host for c in "[]/") and "://" not in address
+        if (bracketed or plain) and port.isdigit() and 0 < int(port) < 65536:
             return address
     raise UsageError(
         f'allocator address "{address}" (from {source}): expected "host:port" or "unix:PATH"'

@@ -458,10 +458,12 @@ class Allocator:
         if held_here >= total:
             return None
         start = self._rng.randrange(total)
-        # Probe forward from a random block; at most len(held) + 1 steps find a free one.
-        for step in range(min(total, held_here + 1)):
+        # Probe forward from a random block: among held + 1 blocks, plus the few that hold only
+        # reserved addresses, one is free.
+        for step in range(min(total, held_here + 1 + 3 * len(subnets))):
             block = self._block_by_index(pool, subnets, counts, (start + step) % total)
-            if block_key(block) not in held:
+            # A one-address block holding only a reserved address would be of no use.
+            if block_key(block) not in held and pool.reserved_in(block) < block.num_addresses:
                 return block
         return None
 

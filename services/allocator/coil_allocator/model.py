@@ -37,6 +37,8 @@ def validate_node_name(node: str, op: str) -> str:
 
 def parse_address(text: str, op: str) -> Address:
     """Parse a bare IP address ("10.0.0.5", "fd00::5"); InvalidArgument if it is not one."""
+    if "%" in text:
+        raise InvalidArgument(f'{op} "{text}": a scoped (link-local) address cannot be allocated')
     try:
         return ipaddress.ip_address(text)
     except ValueError:

@@ -614,6 +614,8 @@ class NodeAgent:
             self._routes_dirty.set()
             return "retry"
         self._unreserve(pool.name, address)
+        if outcome == apb.RECORD_OUTCOME_INVALID:
+            return InvalidRequest(result.message or f'address "{address}" cannot be recorded')
         return AllocatorRejected(result.message or "record refused")
 
     def _reserve(
@@ -623,6 +625,11 @@ class NodeAgent:
         needed. Raises AddressTaken, InvalidRequest, Exhausted, AllocatorUnavailable."""
         now = self._clock()
         if want is not None:
+            if want in pool.reserved():
+                raise InvalidRequest(
+                    f'requested address "{want}" is reserved in pool "{pool.name}" (a subnet\'s '
+                    "network address, the pods' gateway or a broadcast address)"
+                )
             with self._lock:
                 block = self.state.take(pool.name, want)
             if block is not None:
@@ -630,7 +637,10 @@ class NodeAgent:
             cidr = ipaddress.ip_network(
                 f"{want}/{want.max_prefixlen - pool.block_bits}", strict=False
             )
-            self._claim(pool, family, str(cidr))
+            try:
+                self._claim(pool, family, str(cidr))
+            except AddressTaken as e:
+                raise AddressTaken(f'requested address "{want}": {e}') from None
             with self._lock:
                 block = self.state.take(pool.name, want)
             if block is None:

@@ -6,7 +6,6 @@ with mode 0600, so only root (the container runtime) can connect.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import time
@@ -18,6 +17,8 @@ import grpc
 
 from coil.v1 import nodeagent_pb2 as pb
 from coil.v1 import nodeagent_pb2_grpc as pb_grpc
+from coil_allocator.errors import InvalidArgument
+from coil_allocator.model import Owner, parse_address
 from coild import errors
 from coild.agent import AllocateRequest, NodeAgent, PodAddress
 
@@ -49,8 +50,12 @@ def _addresses_pb(addresses: list[PodAddress]) -> list[pb.PodAddress]:
 
 
 def _attachment(message: pb.Attachment, op: str) -> tuple[str, str]:
-    if not message.container_id or not message.interface:
-        raise errors.InvalidRequest(f"{op}: the attachment needs a container ID and an interface")
+    """The attachment's (container ID, interface), checked as the allocator will check them, so
+    a bad one is refused before anything is claimed."""
+    try:
+        Owner("", "", message.container_id, message.interface).validate(op)
+    except InvalidArgument as e:
+        raise errors.InvalidRequest(str(e)) from None
     return message.container_id, message.interface
 
 
@@ -82,11 +87,9 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             requested = []
             for text in request.requested_addresses:
                 try:
-                    requested.append(ipaddress.ip_address(text))
-                except ValueError:
-                    raise errors.InvalidRequest(
-                        f'allocate: requested address "{text}" is not an IP address'
-                    ) from None
+                    requested.append(parse_address(text, "allocate: requested address"))
+                except InvalidArgument as e:
+                    raise errors.InvalidRequest(str(e)) from None
             addresses = self.agent.allocate(
                 AllocateRequest(
                     cid, ifname, request.namespace or "default", request.pod, tuple(requested)
