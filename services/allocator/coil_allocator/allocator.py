@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -149,6 +150,11 @@ class Allocator:
         self._events = events or _NoEvents()
         self._sleep = sleep
         self._node_ttl = node_ttl
+        # Per pool: the pool and the held block ids as last seen by this replica. Claims pick
+        # from it without reading etcd first; a stale view only costs a lost compare, whose
+        # failure branch brings the fresh one (see claim_block).
+        self._claim_cache: dict[str, tuple[Pool, KeyValue, set[str]]] = {}
+        self._cache_lock = threading.Lock()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -396,7 +402,9 @@ class Allocator:
 
         The block is chosen at random among the free ones, so that nodes claiming at the same
         time rarely want the same block; the transaction compares only that block's key (and
-        the pool's revision), so claims of different blocks never conflict.
+        the pool's revision), so claims of different blocks never conflict. The choice uses this
+        replica's last view of the pool, so a claim is usually one round trip to etcd: a stale
+        view loses the compare, and the failure branch returns the current view.
 
         Raises InvalidArgument (bad node or pool name, family absent from the pool), NotFound
         (no such pool), PoolExhausted (no free block of the family), Conflict.
@@ -404,16 +412,32 @@ class Allocator:
         op = "block claim"
         validate_node_name(node, op)
         validate_pool_name(pool_name, op)
-        pool, pool_kv = self._load_pool(pool_name, op)
-        fam = family or (pool.families() or (Family.IPV4,))[0]
         blocks_prefix = self.keys.blocks(pool_name)
-        held_kvs, _ = self.store.range(blocks_prefix, keys_only=True)
-        held = {self.keys.strip(kv.key, blocks_prefix) for kv in held_kvs}
+        with self._cache_lock:
+            cached = self._claim_cache.get(pool_name)
+        fresh = cached is None
+        if cached is None:
+            pool, pool_kv = self._load_pool(pool_name, op)
+            held_kvs, _ = self.store.range(blocks_prefix, keys_only=True)
+            held = {self.keys.strip(kv.key, blocks_prefix) for kv in held_kvs}
+        else:
+            pool, pool_kv, held = cached
+        fam = family or (pool.families() or (Family.IPV4,))[0]
         for attempt in range(MAX_CLAIM_ATTEMPTS):
             subnets = pool.subnets_of(fam)
             if not subnets:
                 raise InvalidArgument(f'{op} "{pool_name}": the pool has no IPv{int(fam)} subnet')
-            block = self._pick_free(pool, subnets, held)
+            with self._cache_lock:
+                block = self._pick_free(pool, subnets, held)
+            if block is None and not fresh:
+                # The cached view may be stale (blocks released through another replica).
+                pool, pool_kv = self._load_pool(pool_name, op)
+                held_kvs, _ = self.store.range(blocks_prefix, keys_only=True)
+                held = {self.keys.strip(kv.key, blocks_prefix) for kv in held_kvs}
+                fresh = True
+                with self._cache_lock:
+                    self._claim_cache[pool_name] = (pool, pool_kv, held)
+                    block = self._pick_free(pool, subnets, held)
             if block is None:
                 raise PoolExhausted(
                     f'{op} "{pool_name}": pool exhausted: no free IPv{int(fam)} block '
@@ -434,22 +458,37 @@ class Allocator:
                 [Get(pool_kv.key), Get(blocks_prefix, prefix=True, keys_only=True)],
             )
             if result.succeeded:
+                with self._cache_lock:
+                    held.add(block_key(block))
+                    self._claim_cache[pool_name] = (pool, pool_kv, held)
                 self._events.claimed(pool_name, attempt)
                 return HeldBlock(
                     pool_name, block, node, result.revision, now, 0, pool.reserved_in(block)
                 ), attempt
             current = _first(result.responses[0])
             if current is None:
+                with self._cache_lock:
+                    self._claim_cache.pop(pool_name, None)
                 raise NotFound(f'{op} "{pool_name}": no such pool (deleted meanwhile)')
             if current.mod_revision != pool_kv.mod_revision:
                 pool, pool_kv = decode_pool(pool_name, current.value), current
             now_held = result.responses[1]
             if isinstance(now_held, list):
                 held = {self.keys.strip(kv.key, blocks_prefix) for kv in now_held}
+                fresh = True
+            with self._cache_lock:
+                self._claim_cache[pool_name] = (pool, pool_kv, held)
             self._backoff(attempt, "block claim")
         raise Conflict(
             f'{op} "{pool_name}": lost {MAX_CLAIM_ATTEMPTS} races for free blocks; try again'
         )
+
+    def _forget_held(self, pool_name: str, block: Network) -> None:
+        """Keep this replica's claim view in step with a release it made itself."""
+        with self._cache_lock:
+            cached = self._claim_cache.get(pool_name)
+            if cached is not None:
+                cached[2].discard(block_key(block))
 
     def _pick_free(self, pool: Pool, subnets: Sequence[Network], held: set[str]) -> Network | None:
         counts = [block_count(s, pool.block_bits) for s in subnets]
@@ -495,6 +534,7 @@ class Allocator:
             [Get(key), Get(records, prefix=True, keys_only=True)],
         )
         if result.succeeded:
+            self._forget_held(pool_name, block)
             return
         holder = _first(result.responses[0])
         if holder is None:
@@ -589,6 +629,7 @@ class Allocator:
                     [Get(block_key_), Get(records_prefix, prefix=True)],
                 )
                 if result.succeeded:
+                    self._forget_held(block.pool, block.cidr)
                     break
                 holder = _first(result.responses[0])
                 if holder is None or holder.value.decode() != node:
