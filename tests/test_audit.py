@@ -195,3 +195,28 @@ def test_coilctl_check(allocator_addr: str, live: Allocator, store: EtcdStore) -
     assert refused.returncode == 1 and "agent is alive" in refused.stderr
     forced = coilctl(allocator_addr, "node", "release", "node-a", "--yes", "--force")
     assert forced.returncode == 0, forced
+
+
+def test_unreadable_keys_are_findings_not_failures(live: Allocator, store: EtcdStore) -> None:
+    store.txn(
+        [],
+        [
+            Put(live.keys.prefix + "records/default/not-a-block/10.1.0.9", b"{}"),
+            Put(live.keys.prefix + "blocks/default/garbage", b"node-a"),
+            Put(live.keys.prefix + "attachments/c9/eth0/4", b"\xff\xfe"),
+        ],
+    )
+    findings, _ = live.check_store(repair=True)
+    malformed = sorted(f.subject for f in findings if f.kind == "malformed-key")
+    assert len(malformed) == 3 and all(f.startswith(live.keys.prefix) for f in malformed)
+    assert all(f.severity == Severity.CRITICAL for f in findings if f.kind == "malformed-key")
+
+
+def test_coilctl_check_empty_grace_zero(allocator_addr: str, live: Allocator) -> None:
+    live.claim_block("node-gone", "default", Family.IPV6)
+    found = coilctl(allocator_addr, "check", "--empty-grace", "0", "-o", "json")
+    doc = json.loads(found.stdout)
+    assert found.returncode == 4
+    assert "empty-block-held" in {f["kind"] for f in doc["findings"]}
+    default = json.loads(coilctl(allocator_addr, "check", "-o", "json").stdout)
+    assert "empty-block-held" not in {f["kind"] for f in default["findings"]}

@@ -911,3 +911,35 @@ def test_grpc_status_codes(
     ]:
         got, details = status_of(call, message)
         assert got == grpc.StatusCode.UNAVAILABLE, details
+
+
+def test_reconcile_catches_up_with_changes_made_elsewhere(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    allocator.create_pool("default", ["10.30.0.0/24"], 3)
+    allocator.create_pool("other", ["10.31.0.0/24"], 3)
+    agent = make_agent()
+    kept = agent.allocate(request("kept"))[0].address
+    freed = agent.allocate(request("freed"))[0].address
+    # An operator frees one address; another pool's block is claimed for this node elsewhere
+    # (a claim whose answer was lost looks the same).
+    allocator.free_address(str(freed))
+    adopted, _ = allocator.claim_block(NODE, "other")
+    agent.reconcile()
+    agent.sync_routes()
+    assert agent.check("kept", "eth0")[0].address == kept
+    with pytest.raises(NotHeld):
+        agent.check("freed", "eth0")
+    assert adopted.cidr in routes_of(agent)
+    assert routes_of(agent) == held_blocks(allocator)
+    # The freed address is free again for this agent: filling the block hands it out too.
+    block = ipaddress.ip_network(f"{kept}/29", strict=False)
+    room = usable(block, ipaddress.ip_network("10.30.0.0/24")) - 1
+    handed = [agent.allocate(request(f"n{i}"))[0].address for i in range(room)]
+    assert freed in handed and kept not in handed
+    assert all(a in block for a in handed)
+    # A forced release of the whole node: the agent drops every block and its routes.
+    allocator.release_node(NODE, force=True)
+    agent.reconcile()
+    agent.sync_routes()
+    assert routes_of(agent) == set() == held_blocks(allocator)

@@ -266,7 +266,7 @@ def _required(env: Mapping[str, str], name: str, command: str) -> str:
 def attachment_from_env(env: Mapping[str, str], command: str) -> Attachment:
     """The attachment from CNI_CONTAINERID and CNI_IFNAME, and for ADD and CHECK a non-empty
     CNI_NETNS (coil never enters it). Code 4 for a missing variable, a container ID outside
-    ``[a-zA-Z0-9][a-zA-Z0-9_.-]*`` or an interface name Linux would refuse."""
+    ``[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}`` or an interface name Linux would refuse."""
     container_id = _required(env, "CNI_CONTAINERID", command)
     if not _CONTAINER_ID.fullmatch(container_id):
         raise CNIError(

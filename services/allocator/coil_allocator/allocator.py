@@ -714,9 +714,19 @@ class Allocator:
                 if finding.repair is None:
                     continue
                 result = self.store.txn(finding.repair.compares, finding.repair.ops)
+                if result.succeeded:
+                    finding.repaired = finding.repair.description
+            # A repair may fix another finding too (claiming a block back re-creates its index
+            # entry): look again, and call what is gone fixed.
+            kvs, revision = self.store.range(self.keys.prefix)
+            after = audit(Snapshot.from_kvs(self.keys, revision, kvs), self._now(), empty_grace)
+            remaining = {(f.kind, f.subject) for f in after}
+            for finding in findings:
+                if finding.repair is None or finding.repaired:
+                    continue
                 finding.repaired = (
-                    finding.repair.description
-                    if result.succeeded
+                    "fixed by another repair"
+                    if (finding.kind, finding.subject) not in remaining
                     else "not repaired: the keys changed meanwhile; run the check again"
                 )
         return findings, revision

@@ -69,32 +69,48 @@ class Snapshot:
     records: dict[tuple[str, str, str], KeyValue] = field(default_factory=dict)  # pool, id, addr
     attachments: dict[str, KeyValue] = field(default_factory=dict)  # key -> kv
 
+    malformed: list[KeyValue] = field(default_factory=list)
+
     @classmethod
     def from_kvs(cls, keys: Keys, revision: int, kvs: list[KeyValue]) -> Snapshot:
         snap = cls(keys, revision)
         for kv in kvs:
-            rest = kv.key[len(keys.prefix) :]
-            kind, _, tail = rest.partition("/")
-            if kind == "pools":
-                snap.pools[tail] = decode_pool(tail, kv.value)
-            elif kind == "blocks":
-                pool, _, block_id = tail.partition("/")
-                snap.blocks[(pool, block_id)] = kv
-            elif kind == "nodes":
-                node, _, what = tail.partition("/")
-                if what == "alive":
-                    snap.alive[node] = kv
-                elif what == "status":
-                    snap.status[node] = kv
-                elif what.startswith("blocks/"):
-                    pool, _, block_id = what[len("blocks/") :].partition("/")
-                    snap.index[(node, pool, block_id)] = kv
-            elif kind == "records":
-                pool, block_id, address = tail.split("/", 2)
-                snap.records[(pool, block_id, address)] = kv
-            elif kind == "attachments":
-                snap.attachments[kv.key] = kv
+            try:
+                snap._add(kv)
+            except Exception:  # noqa: BLE001 - an unreadable key is itself a finding
+                snap.malformed.append(kv)
         return snap
+
+    def _add(self, kv: KeyValue) -> None:
+        """File one key under its kind; raises if it cannot be read."""
+        kind, _, tail = kv.key[len(self.keys.prefix) :].partition("/")
+        if kind == "pools":
+            self.pools[tail] = decode_pool(tail, kv.value)
+        elif kind == "blocks":
+            pool, _, block_id = tail.partition("/")
+            parse_block_key(block_id, "stored block")
+            self.blocks[(pool, block_id)] = kv
+        elif kind == "nodes":
+            node, _, what = tail.partition("/")
+            if what == "alive":
+                self.alive[node] = kv
+            elif what == "status":
+                json.loads(kv.value)
+                self.status[node] = kv
+            elif what.startswith("blocks/"):
+                pool, _, block_id = what[len("blocks/") :].partition("/")
+                parse_block_key(block_id, "stored index")
+                json.loads(kv.value)
+                self.index[(node, pool, block_id)] = kv
+        elif kind == "records":
+            pool, block_id, address = tail.split("/", 2)
+            parse_block_key(block_id, "stored record")
+            parse_address(address, "stored record")
+            json.loads(kv.value)
+            self.records[(pool, block_id, address)] = kv
+        elif kind == "attachments":
+            parse_record_path(kv.value.decode())
+            self.attachments[kv.key] = kv
 
 
 def _record_owner(kv: KeyValue) -> dict[str, object]:
@@ -105,7 +121,15 @@ def _record_owner(kv: KeyValue) -> dict[str, object]:
 def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
     """Every inconsistency of the snapshot, most severe first."""
     keys = snap.keys
-    findings: list[Finding] = []
+    findings: list[Finding] = [
+        Finding(
+            Severity.CRITICAL,
+            "malformed-key",
+            kv.key,
+            "a key or value coil cannot read; inspect it with etcdctl",
+        )
+        for kv in snap.malformed
+    ]
     records_per_block: dict[tuple[str, str], int] = defaultdict(int)
 
     # Records: inside a block held by their node, with an attachment pointing back.
@@ -115,16 +139,8 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
         node = str(record.get("node", ""))
         subject = f"{address_text} ({pool_name})"
         pool = snap.pools.get(pool_name)
-        try:
-            block = parse_block_key(block_id, "stored record")
-            address: Address = parse_address(address_text, "stored record")
-        except Exception:  # noqa: BLE001 - a malformed key is itself the finding
-            findings.append(
-                Finding(
-                    Severity.CRITICAL, "malformed-key", kv.key, "a record key that cannot be parsed"
-                )
-            )
-            continue
+        block = parse_block_key(block_id, "stored record")
+        address: Address = parse_address(address_text, "stored record")
         if pool is None or pool.subnet_of(block) is None:
             findings.append(
                 Finding(
@@ -203,13 +219,7 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
 
     # Attachments that point at no record.
     for key, kv in snap.attachments.items():
-        try:
-            pool_name, block, address = parse_record_path(kv.value.decode())
-        except Exception:  # noqa: BLE001
-            findings.append(
-                Finding(Severity.WARNING, "malformed-key", key, "unparseable attachment")
-            )
-            continue
+        pool_name, block, address = parse_record_path(kv.value.decode())
         if (pool_name, block_key(block), str(address)) not in snap.records:
             findings.append(
                 Finding(
@@ -320,6 +330,7 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                         (
                             value_is(empty_key, node.encode()),
                             none_with_prefix(keys.records(pool_name, cidr)),
+                            absent(keys.node_alive(node)),  # still gone when repaired
                         ),
                         (Delete(empty_key), Delete(keys.node_block(node, pool_name, cidr))),
                     )

@@ -87,7 +87,7 @@ class _UsageCollector(Collector):
             "blocks_held": "Blocks held by nodes.",
             "blocks_total": "Blocks in the pool's subnets.",
             "addresses_used": "Addresses recorded.",
-            "addresses_total": "Addresses in the pool's subnets.",
+            "addresses_total": "Addresses pods can get in the pool's subnets.",
         }
         families = {
             name: GaugeMetricFamily(f"coil_pool_{name}", text, labels=["pool", "family"])

@@ -313,13 +313,10 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
 
     @_rpc("CheckStore")
     def CheckStore(self, request: pb.CheckStoreRequest, context: Any) -> pb.CheckStoreResponse:
-        if request.empty_grace_seconds < 0:
-            raise errors.InvalidArgument(
-                f"check: empty grace {request.empty_grace_seconds} s is negative"
-            )
-        findings, revision = self.allocator.check_store(
-            request.repair, request.empty_grace_seconds or 600
-        )
+        grace = request.empty_grace_seconds if request.HasField("empty_grace_seconds") else 600
+        if grace < 0:
+            raise errors.InvalidArgument(f"check: empty grace {grace} s is negative")
+        findings, revision = self.allocator.check_store(request.repair, grace)
         return pb.CheckStoreResponse(
             findings=[
                 pb.Finding(

@@ -260,9 +260,10 @@ class NodeAgent:
 
     def reconcile(self) -> None:
         """Catch up with changes made behind this agent's back: blocks the allocator no longer
-        lists for this node (an operator's `node release --force`) are dropped, and committed
-        attachments whose records were removed (`coilctl address free`) are forgotten, so
-        their addresses can be handed out again.
+        lists for this node (an operator's `node release --force`) are dropped, blocks it lists
+        that this agent does not know are taken in, and committed attachments whose records
+        were removed (`coilctl address free`) are forgotten, so their addresses can be handed
+        out again.
 
         Only what existed before the listing was asked for is judged, so a block claimed or an
         attachment committed meanwhile is never mistaken for a removed one.
@@ -278,6 +279,29 @@ class NodeAgent:
         now = self._clock()
         changed = False
         with self._lock:
+            known = {(b.pool, str(b.cidr)) for b in self.state.blocks}
+            for listed in answer.blocks:
+                if (listed.pool, listed.cidr) in known:
+                    continue
+                # Held in etcd but unknown here (a claim whose answer was lost, or an index
+                # entry re-created by `coilctl check --repair`): take it in with its records.
+                pool = self._pools.get(listed.pool)
+                used = [
+                    ipaddress.ip_address(r.address)
+                    for r in answer.records
+                    if r.pool == listed.pool and r.block == listed.cidr
+                ]
+                log.warning("taking in block %s of pool %s held in etcd", listed.cidr, listed.pool)
+                self.state.add_block(
+                    listed.pool,
+                    ipaddress.ip_network(listed.cidr),
+                    listed.claim_revision,
+                    reserved=set(pool.reserved() if pool else ()) - set(used),
+                    used=used,
+                    last=used[-1] if used else None,
+                    now=now,
+                )
+                changed = True
             for block in blocks_before:
                 if (
                     block.pool,

@@ -97,14 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     credentials = None
     if args.allocator_tls_ca or args.allocator_tls_cert:
 
-        def read(path: str) -> bytes | None:
+        def read(path: str, flag: str) -> bytes | None:
             if not path:
                 return None
-            with open(path, "rb") as f:
-                return f.read()
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise SystemExit(f"coild: {flag} {path!r}: {e.strerror or e}") from None
 
         credentials = grpc.ssl_channel_credentials(
-            read(args.allocator_tls_ca), read(args.allocator_tls_key), read(args.allocator_tls_cert)
+            read(args.allocator_tls_ca, "--allocator-tls-ca"),
+            read(args.allocator_tls_key, "--allocator-tls-key"),
+            read(args.allocator_tls_cert, "--allocator-tls-cert"),
         )
     metrics = AgentMetrics()
     agent = NodeAgent(

@@ -212,7 +212,9 @@ class Block(_message.Message):
     used: _builtins.int
     """Number of addresses recorded in the block."""
     capacity: _builtins.int
-    """Number of addresses in the block (2^block_size_bits)."""
+    """Number of addresses pods can get from the block: 2^block_size_bits less the subnet's
+    reserved addresses (network address, gateway, IPv4 broadcast) that lie in it.
+    """
     claim_revision: _builtins.int
     """etcd revision at which the block was claimed; changes whenever the block is claimed anew."""
     claimed_at: _builtins.int
@@ -772,7 +774,9 @@ class ReleaseNodeRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
-    """Node whose blocks and records are all given back. NOT_FOUND if it holds nothing."""
+    """Node whose blocks and records are all given back. NOT_FOUND if it holds nothing;
+    FAILED_PRECONDITION while its agent is alive, unless `force`.
+    """
     force: _builtins.bool
     """Release even though the node's agent is alive (its lease has not expired). Without it,
     releasing a live node fails with FAILED_PRECONDITION.
@@ -1191,7 +1195,9 @@ class PoolUsage(_message.Message):
     addresses_used: _builtins.int
     """Addresses recorded."""
     addresses_total: _builtins.int
-    """Addresses in the pool's subnets of this family (saturates at 2^64 - 1)."""
+    """Addresses pods can get in the pool's subnets of this family: all but each subnet's
+    network address, gateway and (IPv4) broadcast address (saturates at 2^64 - 1).
+    """
     def __init__(
         self,
         *,
@@ -1345,18 +1351,20 @@ class CheckStoreRequest(_message.Message):
     repair: _builtins.bool
     """Fix what is safe to fix (never frees an address that may be in use)."""
     empty_grace_seconds: _builtins.int
-    """Empty blocks held longer than this many seconds are reported (default 600)."""
+    """Empty blocks held longer than this many seconds are reported (600 when not set)."""
     def __init__(
         self,
         *,
         repair: _builtins.bool = ...,
-        empty_grace_seconds: _builtins.int = ...,
+        empty_grace_seconds: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_empty_grace_seconds", b"_empty_grace_seconds", "empty_grace_seconds", b"empty_grace_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_grace_seconds", b"empty_grace_seconds", "repair", b"repair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_empty_grace_seconds", b"_empty_grace_seconds", "empty_grace_seconds", b"empty_grace_seconds", "repair", b"repair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__empty_grace_seconds: _TypeAlias = _typing.Literal["empty_grace_seconds"]  # noqa: Y015
+    _WhichOneofArgType__empty_grace_seconds: _TypeAlias = _typing.Literal["_empty_grace_seconds", b"_empty_grace_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_grace_seconds) -> _WhichOneofReturnType__empty_grace_seconds | None: ...
 
 Global___CheckStoreRequest: _TypeAlias = CheckStoreRequest  # noqa: Y015
 
