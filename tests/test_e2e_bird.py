@@ -109,20 +109,16 @@ def pool_blocks(cluster: Cluster, node: Node, pool: str) -> list[apb.Block]:
 
 
 def release_node(cluster: Cluster, name: str) -> str:
-    """Give back a lost node's blocks with `coilctl node release NAME --yes` (the ReleaseNode RPC
-    if coilctl is not installed); returns what was said about it."""
-    coilctl = BIN / "coilctl"
-    if coilctl.exists():
-        proc = subprocess.run(
-            [str(coilctl), "--allocator", cluster.allocator_addr, "node", "release", name, "--yes"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert proc.returncode == 0, f"coilctl node release {name}: {proc.stdout}{proc.stderr}"
-        return proc.stdout
-    answer = cluster.stub.ReleaseNode(apb.ReleaseNodeRequest(node=name), timeout=10)
-    return " ".join(b.cidr for b in answer.blocks)
+    """Give back a lost node's blocks with `coilctl node release NAME --yes --force`; returns what
+    coilctl said. Without --force it must refuse: the lost node's lease (90 s) has not run out."""
+    command = [str(BIN / "coilctl"), "--allocator", cluster.allocator_addr, "node", "release", name]
+    refused = subprocess.run([*command, "--yes"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "agent is alive" in refused.stderr, refused
+    proc = subprocess.run(
+        [*command, "--yes", "--force"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, f"coilctl node release {name}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
 
 
 def delete_all(cluster: Cluster, pods: list[ClusterPod]) -> None:
