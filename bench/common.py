@@ -239,6 +239,20 @@ def cleanup_leftovers() -> None:
         print(f"bench: removed leftover namespace {name}")
 
 
+def git_commit() -> str:
+    """The commit the services run from, with "+changes" if the tree differs (other work)."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head + ("+changes" if dirty else "") if head else "unknown"
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

@@ -365,7 +365,8 @@ def markdown(r: dict[str, Any], tgts: list[Target]) -> str:
         f"Run {r['finished']} ({kind}), {r['duration_s']:.0f} s. Machine: {m['nproc']} cores, "
         f"{m['cpu']}, Python {m['python']}, kernel {m['kernel']}. Load average before/after: "
         f"{m['load_before']} / {m['load_after']} "
-        "(other work on the machine may have been running).",
+        "(other work on the machine may have been running). "
+        f"Code: commit {r.get('commit', '?')}.",
         "",
         "## Targets",
         "",
@@ -406,6 +407,7 @@ def main() -> int:
             "kernel": platform.release(),
             "load_before": common.load_average(),
         },
+        "commit": common.git_commit(),
     }
     runners: dict[str, Callable[[common.Lab], Any]] = {
         "cni": lambda lab: cni.run(lab, lab.allocators[0][1], log),
