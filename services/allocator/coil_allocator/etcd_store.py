@@ -35,6 +35,7 @@ from coil_allocator.store import (
 T = TypeVar("T")
 
 _PAGE = 5000
+CHANNELS_PER_ENDPOINT = 4
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _TARGETS = {
     "create": etcdrpc.Compare.CREATE,
@@ -97,19 +98,27 @@ class EtcdStore:
         options = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
+            # Our own connections per channel: several channels to one endpoint must not share
+            # one connection (and its lock) through gRPC's global subchannel pool.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
-        self._channels: list[grpc.Channel] = []
+        # Per endpoint a few channels, used in turn: one channel serialises the calls of all
+        # the server's threads on its lock (measured in a claim storm).
+        self._channels: list[list[grpc.Channel]] = []
         for endpoint in config.endpoints:
             target = endpoint.split("://", 1)[-1].rstrip("/")
             if not target:
                 raise InvalidArgument(f"etcd endpoint {endpoint!r}: empty address")
-            channel = (
-                grpc.secure_channel(target, creds, options=options)
-                if creds
-                else grpc.insecure_channel(target, options=options)
+            self._channels.append(
+                [
+                    grpc.secure_channel(target, creds, options=options)
+                    if creds
+                    else grpc.insecure_channel(target, options=options)
+                    for _ in range(CHANNELS_PER_ENDPOINT)
+                ]
             )
-            self._channels.append(channel)
         self._current = 0
+        self._turn = 0
         self._lock = threading.Lock()
         self._token: str | None = None
         if config.username:
@@ -119,7 +128,9 @@ class EtcdStore:
 
     def _endpoint(self) -> tuple[int, grpc.Channel]:
         with self._lock:
-            return self._current, self._channels[self._current]
+            self._turn += 1
+            channels = self._channels[self._current]
+            return self._current, channels[self._turn % len(channels)]
 
     def _fail_over(self, failed: int) -> None:
         with self._lock:
@@ -275,8 +286,9 @@ class EtcdStore:
         return self._call(call, idempotent=True)
 
     def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        for channels in self._channels:
+            for channel in channels:
+                channel.close()
 
 
 def _kv(kv: Any) -> KeyValue:

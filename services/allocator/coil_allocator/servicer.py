@@ -336,7 +336,7 @@ def serve(
     allocator: Allocator,
     listen: str,
     *,
-    workers: int = 16,
+    workers: int = 32,
     observe: RpcObserver | None = None,
     credentials: grpc.ServerCredentials | None = None,
     health: Any = None,
