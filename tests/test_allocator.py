@@ -170,7 +170,7 @@ def test_record_is_durable_with_owner_and_idempotent(
     )
     assert [r.outcome for r in results] == [RecordOutcome.RECORDED] * 2
     # The record is in etcd under its block, with every field.
-    key = f"{etcd_prefix}records/default/{str(b4.cidr).replace('/', '_')}/{a4}"
+    key = f"{etcd_prefix}records/default/4/{str(b4.cidr).replace('/', '_')}/{a4}"
     stored = json.loads(snapshot(store, etcd_prefix)[key])
     assert stored["namespace"] == "web" and stored["pod"] == "web-0"
     assert stored["container_id"] == "abc123" and stored["interface"] == "eth0"

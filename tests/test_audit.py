@@ -201,7 +201,7 @@ def test_unreadable_keys_are_findings_not_failures(live: Allocator, store: EtcdS
     store.txn(
         [],
         [
-            Put(live.keys.prefix + "records/default/not-a-block/10.1.0.9", b"{}"),
+            Put(live.keys.prefix + "records/default/4/not-a-block/10.1.0.9", b"{}"),
             Put(live.keys.prefix + "blocks/default/garbage", b"node-a"),
             Put(live.keys.prefix + "attachments/c9/eth0/4", b"\xff\xfe"),
         ],

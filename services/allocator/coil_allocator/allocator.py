@@ -282,9 +282,11 @@ class Allocator:
                 raise NotFound(f'{op} "{name}": subnet "{wanted}" is not one of the pool\'s')
             subnets = (wanted,)
         blocks, rev = self.store.range(self.keys.blocks(name))
-        records, _ = self.store.range(self.keys.pool_records(name), keys_only=True, revision=rev)
+        # Per block: "<family>/<block-id>/<address>" after the pool's prefix.
+        records_prefix = self.keys.pool_records(name)
         used = Counter(
-            self.keys.strip(r.key, self.keys.pool_records(name)).split("/", 1)[0] for r in records
+            key[len(records_prefix) :].split("/", 2)[1]
+            for key in self.store.keys(records_prefix, revision=rev)
         )
         by_subnet: dict[Network, list[HeldBlock]] = defaultdict(list)
         for b in blocks:
@@ -944,9 +946,7 @@ class Allocator:
                 if kv is None:
                     results[i] = ReleaseResult(ReleaseOutcome.NOT_RECORDED)
                     continue
-                pool, block, address = parse_record_path(
-                    self.keys.strip(key, self.keys.all_records)
-                )
+                pool, block, address = self.keys.parse_record(key)
                 rec = decode_record(pool, block, address, kv.value)
                 if item.container_id and (
                     rec.owner.container_id != item.container_id
@@ -1028,16 +1028,18 @@ class Allocator:
     def usage(self) -> list[PoolUsage]:
         """Blocks and addresses used per pool and family, read at one revision."""
         pools, rev = self._pools()
-        blocks, _ = self.store.range(self.keys.all_blocks, keys_only=True, revision=rev)
-        records, _ = self.store.range(self.keys.all_records, keys_only=True, revision=rev)
         held: Counter[tuple[str, int]] = Counter()
-        for kv in blocks:
-            pool_name, block_id = self.keys.strip(kv.key, self.keys.all_blocks).split("/", 1)
+        for key in self.store.keys(self.keys.all_blocks, revision=rev):
+            pool_name, block_id = key[len(self.keys.all_blocks) :].split("/", 1)
             held[(pool_name, 6 if ":" in block_id else 4)] += 1
-        used: Counter[tuple[str, int]] = Counter()
-        for kv in records:
-            pool_name, _, address = self.keys.strip(kv.key, self.keys.all_records).split("/", 2)
-            used[(pool_name, 6 if ":" in address else 4)] += 1
+        # Records are counted by etcd, per pool and family, without listing them.
+        used = {
+            (name, int(fam)): self.store.count(
+                self.keys.family_records(name, int(fam)), revision=rev
+            )
+            for name, pool in pools.items()
+            for fam in pool.families()
+        }
         out = []
         for name in sorted(pools):
             pool = pools[name]

@@ -103,7 +103,7 @@ class Snapshot:
                 json.loads(kv.value)
                 self.index[(node, pool, block_id)] = kv
         elif kind == "records":
-            pool, block_id, address = tail.split("/", 2)
+            pool, _family, block_id, address = tail.split("/", 3)
             parse_block_key(block_id, "stored record")
             parse_address(address, "stored record")
             json.loads(kv.value)

@@ -228,6 +228,32 @@ class EtcdStore:
                 return out, revision
             start = response.kvs[-1].key + b"\0"
 
+    def count(self, prefix: str, *, revision: int = 0) -> int:
+        request = etcdrpc.RangeRequest(
+            key=prefix.encode(),
+            range_end=prefix_end(prefix).encode(),
+            revision=revision,
+            count_only=True,
+        )
+        return int(self._call(self._ranger(request), idempotent=True).count)
+
+    def keys(self, prefix: str, *, revision: int = 0) -> list[str]:
+        end = prefix_end(prefix).encode()
+        start = prefix.encode()
+        out: list[str] = []
+        while True:
+            request = etcdrpc.RangeRequest(
+                key=start, range_end=end, limit=_PAGE, revision=revision, keys_only=True
+            )
+            response = self._call(self._ranger(request), idempotent=True)
+            if revision == 0:
+                revision = response.header.revision
+            # No KeyValue per key: listing many keys is dominated by object creation.
+            out.extend(kv.key.decode() for kv in response.kvs)
+            if not response.more or not response.kvs:
+                return out
+            start = response.kvs[-1].key + b"\0"
+
     def _ranger(self, request: Any) -> Callable[[grpc.Channel], Any]:
         def call(channel: grpc.Channel) -> Any:
             return etcdrpc.KVStub(channel).Range(

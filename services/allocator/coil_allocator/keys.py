@@ -6,7 +6,7 @@
     nodes/<node>/alive                             JSON {"since": unix seconds}, bound to the
                                                    node agent's lease
     nodes/<node>/status                            JSON {"seen_at", "table", "routes": [...]}
-    records/<pool>/<block-id>/<address>            JSON allocation record (see `encode_record`)
+    records/<pool>/<4|6>/<block-id>/<address>      JSON allocation record (see `encode_record`)
     attachments/<container-id>/<ifname>/<4|6>      "<pool>/<block-id>/<address>" of its record
 
 A block id is the block's CIDR with "/" replaced by "_" ("10.0.0.32_27"). A block key exists
@@ -73,11 +73,25 @@ class Keys:
     def pool_records(self, pool: str) -> str:
         return f"{self.prefix}records/{pool}/"
 
+    def family_records(self, pool: str, family: int) -> str:
+        """Every record of one family of a pool: the family is in the key so that usage can be
+        counted by etcd (a count-only range) instead of listing every record."""
+        return f"{self.prefix}records/{pool}/{family}/"
+
     def records(self, pool: str, block: Network) -> str:
-        return f"{self.prefix}records/{pool}/{block_key(block)}/"
+        return f"{self.prefix}records/{pool}/{block.version}/{block_key(block)}/"
 
     def record(self, pool: str, block: Network, address: Address) -> str:
-        return f"{self.prefix}records/{pool}/{block_key(block)}/{address}"
+        return f"{self.prefix}records/{pool}/{block.version}/{block_key(block)}/{address}"
+
+    def parse_record(self, key: str) -> tuple[str, Network, Address]:
+        """(pool, block, address) of a record key; ValueError or InvalidArgument if not one."""
+        pool, _family, block_id, address = key[len(self.all_records) :].split("/", 3)
+        return (
+            pool,
+            parse_block_key(block_id, "stored record"),
+            parse_address(address, "stored record"),
+        )
 
     def attachment(self, container_id: str, interface: str, family: int) -> str:
         return f"{self.prefix}attachments/{container_id}/{interface}/{family}"

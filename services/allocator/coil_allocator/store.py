@@ -147,6 +147,14 @@ class Store(Protocol):
         """
         ...
 
+    def count(self, prefix: str, *, revision: int = 0) -> int:
+        """How many keys start with `prefix` (counted by the store; nothing is transferred)."""
+        ...
+
+    def keys(self, prefix: str, *, revision: int = 0) -> list[str]:
+        """The keys with `prefix` at one revision, without values (cheaper than `range`)."""
+        ...
+
     def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> TxnResult:
