@@ -96,6 +96,9 @@ NODE_TTL = 90
 STATUS_REFRESH = 300
 """A node's status key is rewritten at least this often while it reports (last-seen time)."""
 
+POOLS_MAX_AGE = 5.0
+"""Seconds the record and release paths reuse a read of the pools (see `_recent_pools`)."""
+
 MAX_CLAIM_ATTEMPTS = 16
 """Claims re-read the held blocks with every lost race, so each retry sees the others' progress."""
 
@@ -155,6 +158,7 @@ class Allocator:
         # failure branch brings the fresh one (see claim_block).
         self._claim_cache: dict[str, tuple[Pool, KeyValue, set[str]]] = {}
         self._cache_lock = threading.Lock()
+        self._pools_cache: tuple[float, dict[str, Pool]] = (-1e9, {})
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -178,6 +182,22 @@ class Allocator:
             name = self.keys.strip(kv.key, self.keys.pools)
             pools[name] = decode_pool(name, kv.value)
         return pools, rev
+
+    def _recent_pools(self, fresh: bool = False) -> dict[str, Pool]:
+        """The pools as read at most POOLS_MAX_AGE seconds ago (now, with `fresh`).
+
+        For the record and release paths, which would otherwise read every pool per batch.
+        Callers trust a cached pool only to say yes (this address lies in that pool's subnet,
+        which never changes once added); where it says no, they ask again with `fresh`.
+        """
+        now = time.monotonic()
+        with self._cache_lock:
+            at, pools = self._pools_cache
+        if fresh or now - at > POOLS_MAX_AGE:
+            pools, _ = self._pools()
+            with self._cache_lock:
+                self._pools_cache = (now, pools)
+        return pools
 
     def _locate(self, pools: Iterable[Pool], address: Address) -> tuple[Pool, Network] | None:
         for pool in pools:
@@ -752,9 +772,12 @@ class Allocator:
         seen_attachments: set[str] = set()
         seen_addresses: set[str] = set()
         pending: list[int] = []
-        pools, _ = self._pools()
+        pools = self._recent_pools()
         for i, item in enumerate(items):
             refused = self._unrecordable(pools, item)
+            if refused:
+                pools = self._recent_pools(fresh=True)  # a pool or subnet added just now?
+                refused = self._unrecordable(pools, item)
             if refused:
                 results[i] = RecordResult(RecordOutcome.INVALID, message=f"{op} {refused}")
                 continue
@@ -906,11 +929,15 @@ class Allocator:
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"{op}: {len(items)} items; at most {MAX_BATCH} per request")
         results: list[ReleaseResult | None] = [None] * len(items)
-        pools, _ = self._pools()
+        pools = self._recent_pools()
         located: list[tuple[int, str]] = []
+        blocks: dict[int, tuple[str, Network]] = {}
         seen: set[str] = set()
         for i, item in enumerate(items):
             where = self._locate(pools.values(), item.address)
+            if where is None:
+                pools = self._recent_pools(fresh=True)
+                where = self._locate(pools.values(), item.address)
             if where is None:
                 results[i] = ReleaseResult(
                     ReleaseOutcome.NOT_RECORDED, f'"{item.address}" is in no pool'
@@ -922,9 +949,45 @@ class Allocator:
                 continue
             seen.add(key)
             located.append((i, key))
+            blocks[i] = (where[0].name, where[1])
         for start in range(0, len(located), RELEASES_PER_TXN):
-            self._release_chunk(node, items, located[start : start + RELEASES_PER_TXN], results)
+            chunk = located[start : start + RELEASES_PER_TXN]
+            if not self._release_known(node, items, chunk, blocks, results):
+                self._release_chunk(node, items, chunk, results)
         return [r if r is not None else ReleaseResult(ReleaseOutcome.INVALID) for r in results]
+
+    def _release_known(
+        self,
+        node: str,
+        items: Sequence[ReleaseRequest],
+        chunk: list[tuple[int, str]],
+        blocks: dict[int, tuple[str, Network]],
+        results: list[ReleaseResult | None],
+    ) -> bool:
+        """The common case in one transaction: every item names its attachment, whose key must
+        still point at the record (and, with a node, every block is still the node's). Returns
+        False, having changed nothing, when any compare fails; the caller then sorts the items
+        out one by one."""
+        if not node or any(not items[i].container_id or not items[i].interface for i, _ in chunk):
+            return False
+        compares: list[Compare] = [
+            value_is(self.keys.block(pool, block), node.encode())
+            for pool, block in sorted({blocks[i] for i, _ in chunk}, key=str)
+        ]
+        deletes: list[Op] = []
+        for i, key in chunk:
+            item = items[i]
+            pool, block = blocks[i]
+            attachment = self.keys.attachment(
+                item.container_id, item.interface, item.address.version
+            )
+            compares.append(value_is(attachment, record_ref(pool, block, item.address)))
+            deletes += [Delete(key), Delete(attachment)]
+        if not self.store.txn(compares, deletes).succeeded:
+            return False
+        for i, _ in chunk:
+            results[i] = ReleaseResult(ReleaseOutcome.RELEASED)
+        return True
 
     def _release_chunk(
         self,
