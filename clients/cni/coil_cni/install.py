@@ -4,9 +4,10 @@
 Writes ``DEST_DIR/coil``, a small launcher run by this very interpreter with ``-IS`` (isolated, no
 ``site``): ``site`` costs start-up time on every pod and would read the environment, but without it
 neither site-packages nor the editable install's path hooks are on ``sys.path``. So the launcher
-lists the real directories of coil_cni, the generated coil.v1 stubs, grpc and google.protobuf,
-found now from the imported modules. It also precompiles those packages, because a host that does
-not write bytecode would otherwise compile them again on every exec.
+lists the real directories of coil_cni and grpc (the plugin needs neither the generated stubs nor
+protobuf, see coil_cni.wire), found now from the imported modules. It also precompiles those
+packages, because a host that does not write bytecode would otherwise compile them again on
+every exec.
 
 The interpreter flags are written as one word ("-IS"): Linux passes everything after the
 interpreter path on a ``#!`` line as a single argument, and Python rejects "-I -S" as one argument.
@@ -33,18 +34,15 @@ def _root_of(module: ModuleType, levels: int) -> str:
 
 def package_dirs() -> tuple[list[str], list[str]]:
     """(sys.path entries the launcher needs, package directories to precompile)."""
-    import google.protobuf
     import grpc
 
-    import coil.v1
     import coil_cni
 
-    # (module, how deep its __init__.py lies below the sys.path entry, the package to precompile)
+    # (module, how deep its __init__.py lies below the sys.path entry, the package to precompile).
+    # The plugin needs no generated stubs and no protobuf runtime (see coil_cni.wire).
     roots = [
         (coil_cni, 2, _root_of(coil_cni, 1)),  # .../coil_cni/__init__.py
-        (coil.v1, 3, _root_of(coil.v1, 2)),  # .../coil/v1/__init__.py: precompile all of coil
         (grpc, 2, _root_of(grpc, 1)),
-        (google.protobuf, 3, _root_of(google.protobuf, 1)),  # google/ may be a namespace package
     ]
     paths: list[str] = []
     packages: list[str] = []
@@ -53,7 +51,7 @@ def package_dirs() -> tuple[list[str], list[str]]:
         if root not in paths:
             paths.append(root)
         packages.append(package)
-    try:  # grpc and protobuf import it when it is installed
+    try:  # grpc imports it when it is installed
         import typing_extensions
 
         packages.append(os.path.abspath(typing_extensions.__file__ or ""))
