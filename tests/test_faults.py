@@ -387,6 +387,7 @@ class Faults:
     log: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
 
     def _wait_ops(self, ops: int) -> bool:
         while not self.storm.stop.is_set() and not self.storm.proper_done.is_set():
@@ -408,7 +409,9 @@ class Faults:
     def _phase(self, name: str) -> None:
         with self.storm.lock:
             self.storm.phase = name
-        self.log.append(f"{time.monotonic():.1f} ops={self.storm.ops()} -> {name}")
+        self.log.append(
+            f"{time.monotonic() - self.started:6.1f} s ops={self.storm.ops()} -> {name}"
+        )
 
     def run(self, total_ops: int) -> None:
         try:
@@ -458,6 +461,7 @@ class Faults:
         self._phase("calm")
 
 
+@pytest.mark.timeout(900)
 def test_storm_through_etcd_allocator_and_coild_crashes(plugin: Path, tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         cluster = start_etcd_cluster(3)
@@ -571,6 +575,9 @@ def test_storm_through_etcd_allocator_and_coild_crashes(plugin: Path, tmp_path: 
         print(
             f"  {ops / duration:.1f} ops/s; records checked after {live_check_at - started:.1f} s"
         )
+        handed = Counter(h.address for h in storm.holdings)
+        reused = sum(1 for n in handed.values() if n > 1)
+        print(f"  {len(handed)} distinct addresses handed out, {reused} of them to several pods")
         print(f"  workers {STORM_WORKERS}; plugin share {PLUGIN_SHARE}")
         for key, n in sorted(storm.by_path.items()):
             print(f"  {key}: {n} ok, mean {storm.seconds[key] / n:.3f} s")
