@@ -268,7 +268,9 @@ def run(lab: Lab, allocator: str, log: Callable[[str], None]) -> dict[str, Any]:
     # differently; plus the interpreter alone for reference.
     from coil_cni.install import package_dirs
 
-    paths = package_dirs()[0] + [str(BENCH_DIR)]
+    # The floor imports the generated stubs, which coil's own launcher may no longer need.
+    stubs_root = str(Path(npb.__file__ or "").resolve().parents[2])  # .../coil/v1/x_pb2.py
+    paths = package_dirs()[0] + [stubs_root, str(BENCH_DIR)]
     py = sys.executable
     variants = [
         ("python -c pass (interpreter only, no RPC)", [py, "-c", "pass"], False),

@@ -214,6 +214,9 @@ def cni_section(c: dict[str, Any]) -> list[str]:
     ]
     for v in c["startup"]:
         ms = v["add_ms"]
+        if v["failures"]:  # a failing exec's time says nothing about the variant
+            lines.append(row(v["variant"], f"FAILED ({v['failures']} execs)", "", "", ""))
+            continue
         saved = f"{v['saves_ms_vs_plain_floor']:+.1f} ms"
         lines.append(
             row(v["variant"], f"{ms['p50']:.1f}", f"{ms['p99']:.1f}", v["peak_rss_mb"], saved)
