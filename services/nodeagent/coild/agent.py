@@ -337,7 +337,7 @@ class NodeAgent:
 
     def rebuild(self) -> None:
         """Load this node's blocks and records from the allocator into memory; sync routes."""
-        self._refresh_pools(force=True)
+        self._refresh_pools()
         answer = self.allocator.node_blocks(self.config.node)
         state = NodeState()
         now = self._clock()
@@ -393,10 +393,9 @@ class NodeAgent:
 
     # -- pools ------------------------------------------------------------------------------
 
-    def _refresh_pools(self, force: bool = False) -> None:
+    def _refresh_pools(self) -> None:
+        """Read the pool list from the allocator (AllocatorUnavailable if it cannot)."""
         now = self._clock()
-        if not force and now - self._pools_at < 1.0:
-            return
         try:
             pools = self.allocator.list_pools()
         except AllocatorUnavailable:
@@ -425,7 +424,7 @@ class NodeAgent:
                     self._namespaces_checked.clear()
                 self._namespaces_checked[namespace] = now
                 try:
-                    self._refresh_pools(force=True)
+                    self._refresh_pools()
                 except AllocatorUnavailable:
                     if not self._pools:
                         raise
@@ -780,7 +779,7 @@ class NodeAgent:
         """Refresh pools, claim spare blocks where usage crossed the threshold, and return
         blocks empty for longer than the grace period (never the last of a pool and family)."""
         if self._clock() - self._pools_at >= self.config.pool_refresh:
-            self._refresh_pools(force=True)
+            self._refresh_pools()
         now = self._clock()
         with self._lock:
             groups = sorted({(b.pool, b.family) for b in self.state.blocks})
@@ -841,7 +840,7 @@ class NodeAgent:
     def status(self) -> list[str]:
         """Pools this node can serve; AllocatorUnavailable or NoPool when it cannot serve."""
         self._require_ready()
-        self._refresh_pools(force=True)
+        self._refresh_pools()
         if not self._pools:
             raise NoPool("no pool exists: create one with coilctl pool create")
         return self.pools()
