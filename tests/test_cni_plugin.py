@@ -36,8 +36,8 @@ ADD_ENV = {
     "K8S_POD_INFRA_CONTAINER_ID=4f3a9c0e1b2d;K8S_POD_UID=0b8c",
     "CNI_PATH": "/opt/cni/bin",
 }
-V4 = nodeagent_pb2.PodAddress(address="10.1.0.5/16", gateway="169.254.1.1", pool="default")
-V6 = nodeagent_pb2.PodAddress(address="fd00:10::5/64", gateway="fe80::1", pool="default")
+V4 = nodeagent_pb2.PodAddress(address="10.1.0.5/16", gateway="10.1.0.1", pool="default")
+V6 = nodeagent_pb2.PodAddress(address="fd00:10::5/64", gateway="fd00:10::1", pool="default")
 
 
 class FakeNodeAgent(nodeagent_pb2_grpc.NodeAgentServiceServicer):
@@ -175,7 +175,7 @@ def test_add_result_without_ip_versions(launcher: str, fake: Fake, version: str)
     assert out.rc == 0
     assert out.output == {
         "cniVersion": version,
-        "ips": [{"address": "10.1.0.5/16", "gateway": "169.254.1.1"}],
+        "ips": [{"address": "10.1.0.5/16", "gateway": "10.1.0.1"}],
         "routes": [{"dst": "0.0.0.0/0"}],
         "dns": {},
     }
@@ -187,7 +187,7 @@ def test_add_result_with_ip_versions(launcher: str, fake: Fake, version: str) ->
     assert out.rc == 0
     assert out.output == {
         "cniVersion": version,
-        "ips": [{"version": "4", "address": "10.1.0.5/16", "gateway": "169.254.1.1"}],
+        "ips": [{"version": "4", "address": "10.1.0.5/16", "gateway": "10.1.0.1"}],
         "routes": [{"dst": "0.0.0.0/0"}],
         "dns": {},
     }
@@ -200,8 +200,8 @@ def test_add_dual_stack(launcher: str, fake: Fake, version: str) -> None:
     assert out.rc == 0
     ips = out.output["ips"]
     assert [(ip["address"], ip["gateway"]) for ip in ips] == [
-        ("10.1.0.5/16", "169.254.1.1"),
-        ("fd00:10::5/64", "fe80::1"),
+        ("10.1.0.5/16", "10.1.0.1"),
+        ("fd00:10::5/64", "fd00:10::1"),
     ]
     if version == "0.4.0":
         assert [ip["version"] for ip in ips] == ["4", "6"]
