@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/coil/v1/*.proto)
 
-.PHONY: build deps gen gen-check lint test test-unit demo demo-down bench install-cni clean
+.PHONY: build deps gen gen-check lint breaking test test-unit demo demo-down bench install-cni clean
 
 build: $(STAMP)
 
@@ -33,6 +33,12 @@ lint: $(STAMP) gen-check
 	$(VENV)/bin/mypy services clients
 	$(VENV)/bin/buf lint
 
+# The API must not break for clients built against an earlier version:
+# `make breaking AGAINST=<git ref of the last release>` (default: the previous commit).
+AGAINST ?= HEAD~1
+breaking: $(STAMP)
+	$(VENV)/bin/buf breaking --against '.git#ref=$(AGAINST)'
+
 test: $(STAMP) deps
 	$(VENV)/bin/pytest -q
 
@@ -47,6 +53,10 @@ demo-down: $(STAMP)
 
 bench: $(STAMP) deps
 	$(PY) -m bench.run
+
+# The CNI plugin into /opt/cni/bin (a launcher bound to this venv's interpreter).
+install-cni: $(STAMP)
+	$(PY) -m coil_cni.install /opt/cni/bin
 
 clean:
 	rm -rf $(VENV) build *.egg-info
