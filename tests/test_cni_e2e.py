@@ -115,7 +115,8 @@ def node(
         runtime = Runtime(ns, plugin_dir, socket)
         n = Node(ns, tmp_path, addr, socket, runtime, coild, allocator, extra)
         yield n
-        coild = n.coild
+        # Tests restart these; stop the ones running now.
+        coild, allocator = n.coild, n.allocator
     finally:
         if coild is not None:
             coild.stop()
