@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from coil.v1 import allocator_pb2 as apb
 from coil.v1 import allocator_pb2_grpc as apb_grpc
 from coil.v1 import nodeagent_pb2 as npb
 from coil.v1 import nodeagent_pb2_grpc as npb_grpc
-from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+from coil_allocator.etcd_store import EtcdStore
 from tests.harness.cluster import (
     Proc,
     cni_args,
@@ -656,17 +656,8 @@ def test_etcd_unreachable_then_back(plugin: Path, tmp_path: Path) -> None:
 # -- 3. a burst of block claims cut off by a crash ---------------------------------------------
 
 
-@pytest.fixture
-def raw_store(etcd_server: EtcdServer) -> Iterator[EtcdStore]:
-    s = EtcdStore(EtcdConfig((etcd_server.endpoint,)))
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def test_block_claims_cut_off_by_allocator_crash(
-    etcd_server: EtcdServer, raw_store: EtcdStore, tmp_path: Path
+    etcd_server: EtcdServer, store: EtcdStore, tmp_path: Path
 ) -> None:
     prefix = f"/coil-claimcrash-{uuid.uuid4().hex[:8]}/"
     addr = f"unix:{tmp_path}/allocator.sock"
@@ -706,8 +697,8 @@ def test_block_claims_cut_off_by_allocator_crash(
         assert len(claimed) >= kill_at and sum(failed.values()) > 0, (len(claimed), failed)
 
         # Every block key has its node's index entry and the other way round.
-        blocks, _ = raw_store.range(f"{prefix}blocks/")
-        index, _ = raw_store.range(f"{prefix}nodes/")
+        blocks, _ = store.range(f"{prefix}blocks/")
+        index, _ = store.range(f"{prefix}nodes/")
         by_block = {kv.key.removeprefix(f"{prefix}blocks/"): kv.value.decode() for kv in blocks}
         indexed = {
             f"{parts[3]}/{parts[4]}": parts[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -16,10 +15,11 @@ import threading
 from coil_allocator.allocator import Allocator
 from coil_allocator.errors import CoilError
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+from coil_allocator.flags import Flag, env_parser
 
 log = logging.getLogger("coil.allocator")
 
-FLAGS = (
+FLAGS: tuple[Flag, ...] = (
     # flag, env, default, help
     ("--listen", "COIL_LISTEN", "127.0.0.1:9380", 'gRPC address: "host:port" or "unix:PATH"'),
     ("--etcd-endpoints", "COIL_ETCD_ENDPOINTS", "127.0.0.1:2379", "comma-separated etcd endpoints"),
@@ -49,16 +49,11 @@ FLAGS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="coil-allocator",
-        description="coil's allocator: pools, address blocks and allocation records in etcd.",
+    parser = env_parser(
+        "coil-allocator",
+        "coil's allocator: pools, address blocks and allocation records in etcd.",
+        FLAGS,
     )
-    for flag, env, default, text in FLAGS:
-        parser.add_argument(
-            flag,
-            default=os.environ.get(env, default),
-            help=f"{text} (env {env}; default {default!r})",
-        )
     args = parser.parse_args(argv)
     try:
         args.etcd_timeout = float(args.etcd_timeout)

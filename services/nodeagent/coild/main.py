@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 
+from coil_allocator.flags import Flag, env_parser
+
 log = logging.getLogger("coild")
 
-FLAGS = (
+FLAGS: tuple[Flag, ...] = (
     # flag, env, default, help
     ("--node-name", "COIL_NODE_NAME", "", "this node's name (required)"),
     ("--allocator", "COIL_ALLOCATOR", "127.0.0.1:9380", 'allocator: "host:port" or "unix:PATH"'),
@@ -47,13 +48,7 @@ FLAGS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="coild", description="coil's node agent.")
-    for flag, env, default, text in FLAGS:
-        parser.add_argument(
-            flag,
-            default=os.environ.get(env, default),
-            help=f"{text} (env {env}; default {default!r})",
-        )
+    parser = env_parser("coild", "coil's node agent.", FLAGS)
     args = parser.parse_args(argv)
     if not args.node_name:
         parser.error("--node-name (or COIL_NODE_NAME) is required")
