@@ -159,7 +159,7 @@ def launcher(path: Path, paths: list[str], defer: bool, fast_exit: bool) -> list
     """A `-IS` launcher for the floor (as coil_cni.install writes coil's); returns its argv."""
     lines = [f"#!{sys.executable} -IS", "import sys", f"sys.path[0:0] = {paths!r}"]
     if defer:
-        lines += ["from coil_cni.deferred import defer_asyncio", "defer_asyncio()"]
+        lines += ["from deferred import defer_asyncio", "defer_asyncio()"]
     lines += ["import floor_plugin", f"floor_plugin.main(fast_exit={fast_exit})", ""]
     path.write_text("\n".join(lines))
     path.chmod(0o755)
@@ -266,11 +266,10 @@ def run(lab: Lab, allocator: str, log: Callable[[str], None]) -> dict[str, Any]:
 
     # Start-up options of the floor: the same script and the same canned server, started
     # differently; plus the interpreter alone for reference.
-    from coil_cni.install import package_dirs
-
-    # The floor imports the generated stubs, which coil's own launcher may no longer need.
+    # The floor needs grpcio and the generated stubs, which coil's own launcher does not list.
     stubs_root = str(Path(npb.__file__ or "").resolve().parents[2])  # .../coil/v1/x_pb2.py
-    paths = package_dirs()[0] + [stubs_root, str(BENCH_DIR)]
+    grpc_root = str(Path(grpc.__file__ or "").resolve().parents[1])  # .../grpc/__init__.py
+    paths = [grpc_root, stubs_root, str(BENCH_DIR)]
     py = sys.executable
     variants = [
         ("python -c pass (interpreter only, no RPC)", [py, "-c", "pass"], False),

@@ -1,15 +1,13 @@
 """The plugin's calls to coild: one unary RPC per command over coild's UNIX socket.
 
-Only commands that call coild import this module, because grpc is most of the plugin's start-up.
-Each call raises ``CNIError`` (via ``errors.error_from_status``) when coild answers with an error
-status or cannot be reached; nothing here retries: the runtime does.
+The call itself is `coil_cni.rpc` (gRPC over HTTP/2 without grpcio, whose import would be most of
+the plugin's start-up). Each call raises ``CNIError`` (via ``errors.error_from_status``) when
+coild answers with an error status or cannot be reached; nothing here retries: the runtime does.
 """
 
 from __future__ import annotations
 
-import grpc
-
-from coil_cni import wire
+from coil_cni import rpc, wire
 from coil_cni.config import Address, Attachment, IpamConfig, PodRef
 from coil_cni.errors import OTHER, CNIError, error_from_status
 
@@ -26,31 +24,23 @@ def _addresses(response: bytes, subject: str) -> list[Address]:
 class NodeAgent:
     """A connection to coild for one command.
 
-    Calls wait for coild to accept (``wait_for_ready``) until the configured timeout, so a coild
-    that is restarting does not fail the pod; after the timeout the call fails with
-    DEADLINE_EXCEEDED, which becomes CNI code 11. Messages are encoded by `coil_cni.wire`
-    (no generated stubs: they and protobuf's runtime would cost every pod their import).
+    Calls wait for coild to accept until the configured timeout, so a coild that is restarting
+    does not fail the pod; after the timeout the call fails with DEADLINE_EXCEEDED, which becomes
+    CNI code 11. Messages are encoded by `coil_cni.wire` (no generated stubs: they and protobuf's
+    runtime would cost every pod their import).
     """
 
     def __init__(self, ipam: IpamConfig, command: str) -> None:
         self._ipam = ipam
         self._command = command
-        self._channel = grpc.insecure_channel(f"unix:{ipam.socket}")
-
-    def close(self) -> None:
-        self._channel.close()
 
     def _call(self, method: str, request: bytes, subject: str) -> bytes:
-        call = self._channel.unary_unary(SERVICE + method)
         try:
-            response: bytes = call(request, timeout=self._ipam.timeout, wait_for_ready=True)
-            return response
-        except grpc.RpcError as e:
-            code = e.code() if isinstance(e, grpc.Call) else None
-            details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+            return rpc.call(self._ipam.socket, SERVICE + method, request, self._ipam.timeout)
+        except rpc.RpcError as e:
             raise error_from_status(
-                code.name if code is not None else "UNKNOWN",
-                details,
+                e.status,
+                e.message,
                 command=self._command,
                 subject=subject,
                 socket=self._ipam.socket,

@@ -3,17 +3,14 @@ configuration on stdin; and the shape of the results printed back. Pure function
 
 Every function raises ``CNIError`` with the CNI code for the problem and a message quoting the
 input.
+
+Imports are kept to what every pod needs (see coil_cni.main): no ``typing``, ``json``, ``re`` or
+``collections`` at load time, ``ipaddress`` only where addresses are read.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import math
-import re
-from collections.abc import Mapping
-from typing import Any, NamedTuple
-
+from coil_cni import jsonio
 from coil_cni.errors import (
     DECODING_FAILURE,
     INCOMPATIBLE_VERSION,
@@ -21,6 +18,11 @@ from coil_cni.errors import (
     INVALID_ENVIRONMENT,
     CNIError,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
@@ -41,39 +43,94 @@ KNOWN_ARGS = (
     "K8S_POD_UID",
 )
 
-_CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,254}")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_CONTAINER_ID_REST = _ALNUM | frozenset("_.-")
+_CONTAINER_ID_MAX = 255
 _IFNAME_MAX = 15  # IFNAMSIZ - 1
+_INFINITY = float("inf")
 
 
-class IpamConfig(NamedTuple):
+class _Value:
+    """A small immutable value compared by its fields (``typing.NamedTuple`` without importing
+    typing, which would cost every pod)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({inner})"
+
+
+class IpamConfig(_Value):
     """The ``ipam`` section: where coild listens and how long one call may take (seconds)."""
 
+    __slots__ = ("socket", "timeout")
     socket: str
     timeout: float
 
+    def __init__(self, socket: str, timeout: float) -> None:
+        object.__setattr__(self, "socket", socket)
+        object.__setattr__(self, "timeout", timeout)
 
-class Attachment(NamedTuple):
+
+class Attachment(_Value):
     """One interface of one container: (CNI_CONTAINERID, CNI_IFNAME)."""
 
+    __slots__ = ("container_id", "ifname")
     container_id: str
     ifname: str
+
+    def __init__(self, container_id: str, ifname: str) -> None:
+        object.__setattr__(self, "container_id", container_id)
+        object.__setattr__(self, "ifname", ifname)
 
     def __str__(self) -> str:
         return f"{self.container_id}/{self.ifname}"
 
 
-class PodRef(NamedTuple):
+class PodRef(_Value):
     """Kubernetes namespace and pod name from CNI_ARGS ("default" and "" when absent)."""
 
+    __slots__ = ("namespace", "pod")
     namespace: str
     pod: str
 
+    def __init__(self, namespace: str, pod: str) -> None:
+        object.__setattr__(self, "namespace", namespace)
+        object.__setattr__(self, "pod", pod)
 
-class Address(NamedTuple):
+
+class Address(_Value):
     """An address of a result as coild gave it: CIDR form and gateway."""
 
+    __slots__ = ("address", "gateway")
     address: str
     gateway: str
+
+    def __init__(self, address: str, gateway: str) -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "gateway", gateway)
+
+
+def _valid_container_id(value: str) -> bool:
+    """``[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}``, checked without loading ``re``."""
+    return (
+        0 < len(value) <= _CONTAINER_ID_MAX
+        and value[0] in _ALNUM
+        and all(c in _CONTAINER_ID_REST for c in value)
+    )
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -93,7 +150,7 @@ def _printable_utf8(text: str) -> bool:
 def parse_netconf(data: bytes) -> dict[str, Any]:
     """Decode the configuration on stdin; code 6 if it is not a JSON object."""
     try:
-        conf = json.loads(data)
+        conf = jsonio.loads(data)
     except (ValueError, RecursionError) as e:  # RecursionError: nested beyond any real config
         shown = data[:200].decode("utf-8", "replace")
         raise CNIError(
@@ -102,7 +159,7 @@ def parse_netconf(data: bytes) -> dict[str, Any]:
     if not isinstance(conf, dict):
         raise CNIError(
             DECODING_FAILURE,
-            f"network configuration on stdin is not a JSON object: {json.dumps(conf)[:200]}",
+            f"network configuration on stdin is not a JSON object: {jsonio.dumps(conf)[:200]}",
         )
     return conf
 
@@ -122,7 +179,7 @@ def config_version(conf: Mapping[str, Any], command: str) -> str:
             f"supported: {supported}",
         )
     if not isinstance(version, str):
-        raise CNIError(INVALID_CONFIG, f"cniVersion must be a string, got {json.dumps(version)}")
+        raise CNIError(INVALID_CONFIG, f"cniVersion must be a string, got {jsonio.dumps(version)}")
     if version not in SUPPORTED_VERSIONS:
         raise CNIError(
             INCOMPATIBLE_VERSION,
@@ -142,28 +199,29 @@ def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
     """The ``ipam`` section; code 7 if missing, not for coil, or with a bad socket or timeout."""
     ipam = conf.get("ipam")
     if not isinstance(ipam, dict):
-        shown = "missing" if ipam is None else f"not an object: {json.dumps(ipam)}"
+        shown = "missing" if ipam is None else f"not an object: {jsonio.dumps(ipam)}"
         raise CNIError(INVALID_CONFIG, f"network configuration has no ipam section ({shown})")
     if ipam.get("type") != "coil":
         raise CNIError(
-            INVALID_CONFIG, f'ipam.type must be "coil", got {json.dumps(ipam.get("type"))}'
+            INVALID_CONFIG, f'ipam.type must be "coil", got {jsonio.dumps(ipam.get("type"))}'
         )
     socket = ipam.get("socket", DEFAULT_SOCKET)
     if not isinstance(socket, str) or not socket.startswith("/"):
         raise CNIError(
             INVALID_CONFIG,
-            f"ipam.socket must be an absolute path of coild's socket, got {json.dumps(socket)}",
+            f"ipam.socket must be an absolute path of coild's socket, got {jsonio.dumps(socket)}",
         )
     timeout = ipam.get("timeout", DEFAULT_TIMEOUT)
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
+        or timeout != timeout  # NaN
+        or timeout in (_INFINITY, -_INFINITY)
         or timeout <= 0
     ):
         raise CNIError(
             INVALID_CONFIG,
-            f"ipam.timeout must be a positive number of seconds, got {json.dumps(timeout)}",
+            f"ipam.timeout must be a positive number of seconds, got {jsonio.dumps(timeout)}",
         )
     return IpamConfig(socket=socket, timeout=float(timeout))
 
@@ -171,7 +229,7 @@ def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
 def _ip_list(value: Any, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise CNIError(
-            INVALID_CONFIG, f"{where} must be a list of address strings, got {json.dumps(value)}"
+            INVALID_CONFIG, f"{where} must be a list of address strings, got {jsonio.dumps(value)}"
         )
     return value
 
@@ -181,7 +239,7 @@ def _object(conf: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise CNIError(INVALID_CONFIG, f"{where} must be an object, got {json.dumps(value)}")
+        raise CNIError(INVALID_CONFIG, f"{where} must be an object, got {jsonio.dumps(value)}")
     return value
 
 
@@ -198,6 +256,8 @@ def requested_addresses(conf: Mapping[str, Any]) -> list[str]:
     if args_ips is not None:
         found += [(ip, "args.cni.ips") for ip in _ip_list(args_ips, "args.cni.ips")]
     result: list[str] = []
+    if found:
+        import ipaddress
     for entry, where in found:
         try:
             if "%" in entry:
@@ -268,7 +328,7 @@ def attachment_from_env(env: Mapping[str, str], command: str) -> Attachment:
     CNI_NETNS (coil never enters it). Code 4 for a missing variable, a container ID outside
     ``[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}`` or an interface name Linux would refuse."""
     container_id = _required(env, "CNI_CONTAINERID", command)
-    if not _CONTAINER_ID.fullmatch(container_id):
+    if not _valid_container_id(container_id):
         raise CNIError(
             INVALID_ENVIRONMENT,
             f"CNI_CONTAINERID {container_id!r} is not a valid container ID "
@@ -303,7 +363,7 @@ def valid_attachments(conf: Mapping[str, Any]) -> list[Attachment]:
     if value is None:
         raise CNIError(INVALID_CONFIG, f"GC needs {key!r} in the configuration; it is missing")
     if not isinstance(value, list):
-        raise CNIError(INVALID_CONFIG, f"{key} must be a list, got {json.dumps(value)}")
+        raise CNIError(INVALID_CONFIG, f"{key} must be a list, got {jsonio.dumps(value)}")
     result = []
     for item in value:
         if (
@@ -313,7 +373,7 @@ def valid_attachments(conf: Mapping[str, Any]) -> list[Attachment]:
         ):
             raise CNIError(
                 INVALID_CONFIG,
-                f'{key} entries need string "containerID" and "ifname", got {json.dumps(item)}',
+                f'{key} entries need string "containerID" and "ifname", got {jsonio.dumps(item)}',
             )
         result.append(Attachment(container_id=item["containerID"], ifname=item["ifname"]))
     return result
@@ -326,7 +386,7 @@ def prev_result_addresses(conf: Mapping[str, Any]) -> list[str]:
     if not isinstance(prev, dict):
         raise CNIError(
             INVALID_CONFIG,
-            f"CHECK needs prevResult to be an object, got {json.dumps(prev)[:200]}",
+            f"CHECK needs prevResult to be an object, got {jsonio.dumps(prev)[:200]}",
         )
     ips = prev.get("ips", [])
     if not isinstance(ips, list) or not all(
@@ -335,13 +395,15 @@ def prev_result_addresses(conf: Mapping[str, Any]) -> list[str]:
         raise CNIError(
             INVALID_CONFIG,
             'prevResult.ips must be a list of objects with an "address", '
-            f"got {json.dumps(ips)[:200]}",
+            f"got {jsonio.dumps(ips)[:200]}",
         )
     return [ip["address"] for ip in ips]
 
 
 def same_addresses(held: list[str], expected: list[str]) -> bool:
     """Whether two lists of CIDR addresses name the same set (spelling differences ignored)."""
+
+    import ipaddress
 
     def canonical(address: str) -> str:
         try:

@@ -4,10 +4,10 @@
 Writes ``DEST_DIR/coil``, a small launcher run by this very interpreter with ``-IS`` (isolated, no
 ``site``): ``site`` costs start-up time on every pod and would read the environment, but without it
 neither site-packages nor the editable install's path hooks are on ``sys.path``. So the launcher
-lists the real directories of coil_cni and grpc (the plugin needs neither the generated stubs nor
-protobuf, see coil_cni.wire), found now from the imported modules. It also precompiles those
-packages, because a host that does not write bytecode would otherwise compile them again on
-every exec.
+lists the real directory of coil_cni (the plugin needs nothing else outside the standard library:
+no grpcio, see coil_cni.rpc; no generated stubs or protobuf, see coil_cni.wire), found now from
+the imported module. It also precompiles the package, because a host that does not write
+bytecode would otherwise compile it again on every exec.
 
 The interpreter flags are written as one word ("-IS"): Linux passes everything after the
 interpreter path on a ``#!`` line as a single argument, and Python rejects "-I -S" as one argument.
@@ -33,34 +33,13 @@ def _root_of(module: ModuleType, levels: int) -> str:
 
 
 def package_dirs() -> tuple[list[str], list[str]]:
-    """(sys.path entries the launcher needs, package directories to precompile)."""
-    import grpc
+    """(sys.path entries the launcher needs, package directories to precompile).
 
+    The plugin needs nothing outside coil_cni and the standard library: no grpcio (coil_cni.rpc
+    speaks gRPC itself), no generated stubs and no protobuf runtime (coil_cni.wire)."""
     import coil_cni
 
-    # (module, how deep its __init__.py lies below the sys.path entry, the package to precompile).
-    # The plugin needs no generated stubs and no protobuf runtime (see coil_cni.wire).
-    roots = [
-        (coil_cni, 2, _root_of(coil_cni, 1)),  # .../coil_cni/__init__.py
-        (grpc, 2, _root_of(grpc, 1)),
-    ]
-    paths: list[str] = []
-    packages: list[str] = []
-    for module, levels, package in roots:
-        root = _root_of(module, levels)
-        if root not in paths:
-            paths.append(root)
-        packages.append(package)
-    try:  # grpc imports it when it is installed
-        import typing_extensions
-
-        packages.append(os.path.abspath(typing_extensions.__file__ or ""))
-        root = _root_of(typing_extensions, 1)
-        if root not in paths:
-            paths.append(root)
-    except ImportError:
-        pass
-    return paths, packages
+    return [_root_of(coil_cni, 2)], [_root_of(coil_cni, 1)]
 
 
 def launcher_text(interpreter: str, paths: list[str]) -> str:

@@ -1,9 +1,11 @@
 """The CNI IPAM plugin ``coil``: translates one CNI command into one call to the node agent coild.
 
 A runtime (or a main plugin such as ptp) execs this for every pod, so its start-up is part of every
-pod's start: this module imports only os, sys and json at load time; the configuration parser is
-loaded for commands that read a configuration, grpc and the generated stubs only for commands that
-call coild (never for VERSION) and without asyncio (see ``deferred``), and the process ends with
+pod's start. It imports no third-party package: the call to coild is ``coil_cni.rpc`` (gRPC over
+HTTP/2 on the interpreter's ``_socket``), messages are encoded by ``coil_cni.wire`` and JSON goes
+through ``coil_cni.jsonio``; ``typing``, ``json``, ``re`` and ``enum`` are never loaded on the path
+of a successful ADD. The configuration parser is loaded for commands that read a configuration,
+the client only for commands that call coild (never for VERSION), and the process ends with
 ``os._exit`` to skip interpreter teardown.
 
 Input: CNI_COMMAND (ADD, DEL, CHECK, GC, STATUS, VERSION), CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME,
@@ -16,21 +18,22 @@ imported module to <path> (one per line) before it exits; the tests use it to gu
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
 
 from coil_cni.errors import INVALID_ENVIRONMENT, OTHER, CNIError
 
+TYPE_CHECKING = False  # typing itself would cost every pod its import
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
     from coil_cni.client import NodeAgent
     from coil_cni.config import IpamConfig
 
 
 def _node_agent(ipam: IpamConfig, command: str, subject: str) -> NodeAgent:
-    """A connection to coild; a missing socket file fails at once, without loading grpc."""
+    """A client of coild; a missing socket file fails at once."""
     if not os.path.exists(ipam.socket):
         from coil_cni.errors import error_from_status
 
@@ -41,9 +44,6 @@ def _node_agent(ipam: IpamConfig, command: str, subject: str) -> NodeAgent:
             subject=subject,
             socket=ipam.socket,
         )
-    from coil_cni.deferred import defer_asyncio
-
-    defer_asyncio()  # before grpc is imported: a synchronous call needs no asyncio or grpc.aio
     from coil_cni.client import NodeAgent
 
     return NodeAgent(ipam, command)
@@ -159,7 +159,9 @@ def main() -> None:
     stdin = sys.stdin.buffer.read() if needs_stdin else None
     code, output = run(env, stdin)
     if output is not None:
-        sys.stdout.write(json.dumps(output) + "\n")
+        from coil_cni import jsonio
+
+        sys.stdout.write(jsonio.dumps(output) + "\n")
     _exit(code)
 
 
