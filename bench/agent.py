@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -153,4 +154,37 @@ def run(lab: Lab, allocator_port: int, log: Callable[[str], None]) -> dict[str, 
             f"coild batch {result['coild_mean_batch']}, "
             f"CPU ms per cycle {result['cpu_ms_per_allocation']}"
         )
-    return {"seconds_per_run": seconds, "runs": runs}
+    floor = _floor(lab, CONCURRENCY[-1], seconds, log)
+    return {"seconds_per_run": seconds, "runs": runs, "floor": floor}
+
+
+def _floor(lab: Lab, clients: int, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The same load against a server that does no work (bench/agent_floor.py), in its own
+    process as coild is: what grpcio alone allows on this machine."""
+    sock = lab.root / "agent-floor.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.agent_floor", str(sock)],
+        stdout=subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("bench.agent_floor did not start")
+        asyncio.run(_load(sock, 16, pick(1.0, 0.3)))  # warm up
+        pids = {"no-work server": proc.pid, "load generator (bench)": os.getpid()}
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        result = asyncio.run(_load(sock, clients, seconds))
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    finally:
+        proc.kill()
+        proc.wait()
+    n = max(result["allocations"], 1)
+    result["cpu_ms_per_allocation"] = {
+        name: round((cpu1[name] - cpu0[name]) * 1000 / n, 3) for name in pids
+    }
+    log(
+        f"  no-work gRPC server, {clients} clients: {result['allocations_per_s']} cycles/s, "
+        f"CPU ms per cycle {result['cpu_ms_per_allocation']}"
+    )
+    return result

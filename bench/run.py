@@ -274,6 +274,45 @@ def agent_section(a: dict[str, Any]) -> list[str]:
         total = sum(cpu.values())
         cells = [f"{cpu[n]:.2f}" for n in names]
         lines.append(row(run["clients"], *cells, f"{total:.2f}", f"{2000 / total:.0f}"))
+    floor = a.get("floor")
+    if floor:
+        top = a["runs"][-1]
+        fcpu = floor["cpu_ms_per_allocation"]
+        lines += [
+            "",
+            "The floor: the same load generator against a NodeAgentService server that does no "
+            "work (bench/agent_floor.py: grpcio's synchronous server with 32 workers, as coild's, "
+            "answering at once), in the same run. It is the most any coild built on grpcio "
+            "could reach on this machine.",
+            "",
+            *header(
+                "server",
+                "clients",
+                "alloc+release cycles/s",
+                "Allocate p50 / p99 ms",
+                "server CPU ms per cycle",
+                "load generator CPU ms per cycle",
+            ),
+            row(
+                "coild (records durable in etcd)",
+                top["clients"],
+                f"{top['allocations_per_s']:.0f}",
+                f"{top['allocate_ms']['p50']:.2f} / {top['allocate_ms']['p99']:.2f}",
+                f"{top['cpu_ms_per_allocation']['coild']:.2f}",
+                f"{top['cpu_ms_per_allocation']['load generator (bench)']:.2f}",
+            ),
+            row(
+                "no-work gRPC server (floor)",
+                floor["clients"],
+                f"{floor['allocations_per_s']:.0f}",
+                f"{floor['allocate_ms']['p50']:.2f} / {floor['allocate_ms']['p99']:.2f}",
+                f"{fcpu['no-work server']:.2f}",
+                f"{fcpu['load generator (bench)']:.2f}",
+            ),
+            "",
+            f"coild reaches {top['allocations_per_s'] / floor['allocations_per_s']:.2f}x the "
+            "floor's rate.",
+        ]
     return lines
 
 

@@ -11,6 +11,7 @@ name``. Arguments that only a caller bug can get wrong (a block size that was no
 `validate_block_size`) raise ``ValueError`` instead.
 """
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -196,15 +197,18 @@ def block_of(subnet: Network, bits: int, address: Address, op: str) -> Network:
     return _network(subnet, start, subnet.max_prefixlen - bits)
 
 
+@functools.lru_cache(maxsize=65_536)  # str() of a network is slow and every record needs it
 def block_key(block: Network) -> str:
     """Return the etcd-key-safe id of ``block``: ``"10.0.0.32_27"``, ``"fd00::20_123"``."""
     return str(block).replace("/", "_")
 
 
+@functools.lru_cache(maxsize=65_536)  # every record names its block; networks are immutable
 def parse_block_key(key: str, op: str) -> Network:
     """Return the block whose `block_key` is ``key``.
 
-    Only canonical keys are accepted, so that one block has exactly one key.
+    Only canonical keys are accepted, so that one block has exactly one key. Results are cached;
+    errors are not.
 
     Raises:
         InvalidArgument: ``key`` is not the `block_key` of any network.
