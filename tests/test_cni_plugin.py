@@ -286,7 +286,9 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("ipam-not-object", {"set": {"ipam": "coil"}}, 7, '"coil"'),
     ("ipam-type-host-local", {"ipam": {"type": "host-local"}}, 7, '"host-local"'),
     ("ipam-type-missing", {"set": {"ipam": {"socket": "/run/coild.sock"}}}, 7, "ipam.type"),
-    ("timeout-string", {"ipam": {"timeout": "5"}}, 7, "ipam.timeout must be a positive number"),
+    ("timeout-string", {"ipam": {"timeout": "5"}}, 7, "ipam.timeout must be a number of seconds"),
+    ("timeout-huge", {"ipam": {"timeout": 1e300}}, 7, "at most 3600"),
+    ("timeout-huge-int", {"ipam": {"timeout": 10**400}}, 7, "at most 3600"),
     ("timeout-zero", {"ipam": {"timeout": 0}}, 7, "ipam.timeout"),
     ("timeout-negative", {"ipam": {"timeout": -1.5}}, 7, "-1.5"),
     ("timeout-bool", {"ipam": {"timeout": True}}, 7, "true"),
@@ -533,6 +535,7 @@ def test_add_imports_nothing_heavy(launcher: str, fake: Fake, tmp_path: Path) ->
     # The call is coil_cni.rpc over the interpreter's C modules: no grpcio, no generated stubs, no
     # protobuf runtime, not even the socket module's Python layer (enum, selectors) or asyncio.
     heavy = ("grpc", "google", "coil.v1", "asyncio", "socket", "selectors", "enum", "logging")
+    heavy += ("json", "re", "typing", "collections", "ipaddress", "encodings.utf_8_sig")
     assert _forbidden_in(modules, FORBIDDEN_MODULES + heavy + ("site",)) == []
 
 

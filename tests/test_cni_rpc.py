@@ -100,6 +100,9 @@ DOCUMENTS = [
     b"[]",
     b'"just a string"',
     b"12345678901234567890123",
+    '{"utf16": "é"}'.encode("utf-16"),
+    "[1, 2]".encode("utf-32-le"),
+    b'"\xed\xa0\x80"',  # a lone surrogate in UTF-8, which json lets through
 ]
 BAD_DOCUMENTS = [
     b"",
@@ -153,6 +156,10 @@ def test_jsonio_writes_like_json(value: Any) -> None:
 def test_jsonio_refuses_what_json_refuses() -> None:
     with pytest.raises(TypeError):
         jsonio.dumps({"a": object()})
+    circular: list[object] = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular reference"):
+        jsonio.dumps(circular)
 
 
 # --- the call ----------------------------------------------------------------------------------
@@ -370,3 +377,113 @@ def test_server_that_is_not_grpc_is_unavailable(scratch: Path, reply: bytes) -> 
     finally:
         thread.join()
         listener.close()
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def _answer(
+    headers: list[tuple[str, str]], body: bytes | None, trailers: list[tuple[str, str]]
+) -> bytes:
+    """A server's side of a call, encoded by an independent HPACK encoder."""
+    encoder = hpack.Encoder()
+    out = _frame(4, 0, 0)  # SETTINGS
+    if body is None:  # trailers-only
+        return out + _frame(1, 0x5, 1, encoder.encode(headers + trailers))
+    out += _frame(1, 0x4, 1, encoder.encode(headers))
+    out += _frame(0, 0, 1, b"\x00" + len(body).to_bytes(4, "big") + body)
+    return out + _frame(1, 0x5, 1, encoder.encode(trailers))
+
+
+def test_answer_sent_before_the_server_closes_is_read(scratch: Path) -> None:
+    """coild answers and closes (e.g. stopping) before the plugin acknowledges its SETTINGS: the
+    acknowledgement fails, the answer is still there and counts."""
+    path = str(scratch / "closing.sock")
+    reply = _answer(
+        [(":status", "200"), ("content-type", "application/grpc")],
+        b"the answer",
+        [("grpc-status", "0")],
+    )
+    for _ in range(5):  # the race is the server's close against the plugin's reply
+        listener, thread = _raw_server(path, reply)
+        try:
+            assert rpc.call(path, "/test.v1.Test/Echo", b"x", 5) == b"the answer"
+        finally:
+            thread.join()
+            listener.close()
+            os.unlink(path)
+
+
+@pytest.mark.parametrize(
+    ("headers", "trailers", "status"),
+    [
+        ([(":status", "500")], [("grpc-status", "5"), ("grpc-message", "gone")], "NOT_FOUND"),
+        ([(":status", "200")], [], "UNKNOWN"),
+        ([(":status", "503")], [], "UNAVAILABLE"),
+        ([(":status", "404")], [], "UNIMPLEMENTED"),
+    ],
+    ids=["grpc-status-wins", "no-status", "http-503", "http-404"],
+)
+def test_status_is_decided_as_grpcio_does(
+    scratch: Path, headers: list[tuple[str, str]], trailers: list[tuple[str, str]], status: str
+) -> None:
+    path = str(scratch / "status.sock")
+    listener, thread = _raw_server(path, _answer(headers, None, trailers))
+    try:
+        with pytest.raises(rpc.RpcError) as raised:
+            rpc.call(path, "/test.v1.Test/Echo", b"x", 5)
+        assert raised.value.status == status
+    finally:
+        thread.join()
+        listener.close()
+
+
+def test_full_accept_queue_is_waited_on_not_failed(scratch: Path) -> None:
+    path = str(scratch / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    try:
+        for _ in range(4):  # fill the accept queue; the listener never accepts
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+                queued.append(s)
+            except BlockingIOError:
+                s.close()
+                break
+        started = time.monotonic()
+        with pytest.raises(rpc.RpcError) as raised:
+            rpc.call(path, "/test.v1.Test/Echo", b"", 0.5)
+        assert raised.value.status == "DEADLINE_EXCEEDED"
+        assert time.monotonic() - started >= 0.4
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
+
+
+def test_answer_over_the_limit_fails_at_once(server: Server) -> None:
+    started = time.monotonic()
+    with pytest.raises(rpc.RpcError) as raised:
+        rpc.call(server.path, "/test.v1.Test/Big", str(rpc.RECEIVE_LIMIT + 1024).encode(), 20)
+    assert raised.value.status == "RESOURCE_EXHAUSTED"
+    assert time.monotonic() - started < 10  # not at the deadline
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b"50%25 used", "50% used"),
+        (b"caf%C3%A9", "café"),
+        (b"a% 1b%+fc%", "a% 1b%+fc%"),  # not two hex digits: left as written
+        (b"%zz%4", "%zz%4"),
+    ],
+)
+def test_grpc_message_percent_decoding(raw: bytes, text: str) -> None:
+    assert rpc._percent_decode(raw) == text

@@ -32,6 +32,7 @@ MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
 DEFAULT_SOCKET = "/run/coild.sock"
 DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 3600  # seconds; a runtime gives up on a plugin long before
 DEFAULT_NAMESPACE = "default"
 
 # CNI_ARGS keys a Kubernetes runtime sends; any other key needs IgnoreUnknown=1.
@@ -47,7 +48,6 @@ _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _CONTAINER_ID_REST = _ALNUM | frozenset("_.-")
 _CONTAINER_ID_MAX = 255
 _IFNAME_MAX = 15  # IFNAMSIZ - 1
-_INFINITY = float("inf")
 
 
 class _Value:
@@ -63,7 +63,9 @@ class _Value:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined]
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
 
     def __hash__(self) -> int:
         return hash(self._fields())
@@ -215,13 +217,12 @@ def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
-        or timeout != timeout  # NaN
-        or timeout in (_INFINITY, -_INFINITY)
-        or timeout <= 0
+        or not 0 < timeout <= MAX_TIMEOUT  # also false for NaN
     ):
         raise CNIError(
             INVALID_CONFIG,
-            f"ipam.timeout must be a positive number of seconds, got {jsonio.dumps(timeout)}",
+            f"ipam.timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT}, "
+            f"got {jsonio.dumps(timeout)}",
         )
     return IpamConfig(socket=socket, timeout=float(timeout))
 

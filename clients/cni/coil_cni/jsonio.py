@@ -5,8 +5,9 @@ does not need), which costs about a third of the plugin's start on a 2-core mach
 accelerator ``_json`` that ``json`` itself uses does all the work, so this module drives it
 directly, with ``json``'s defaults: the same values and the same output. A document that is not
 valid is handed to ``json.loads``, which raises its usual error (the accelerator reports errors
-through ``json.decoder`` and needs it loaded). Where ``_json`` is missing or has another signature
-(another interpreter), everything goes through ``json``. tests/test_cni_rpc.py compares both on
+through ``json.decoder`` and needs it loaded). UTF-16 and UTF-32 documents, which ``json``
+detects by itself, go to ``json`` too; so does everything where ``_json`` is missing or has
+another signature (another interpreter). tests/test_cni_rpc.py compares both on
 the same inputs.
 """
 
@@ -35,28 +36,30 @@ def _no_default(value: object) -> object:
 
 
 _scan: Any = None
-_encode: Any = None
 try:
     import _json
 
     _scan = _json.make_scanner(_Context())  # type: ignore[arg-type]
-    _encode = _json.make_encoder(
-        None, _no_default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    _json.make_encoder(
+        {}, _no_default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
     )
 except (ImportError, TypeError, AttributeError):  # pragma: no cover - other interpreters
     _scan = None
-    _encode = None
 
 
 def loads(data: bytes) -> Any:
-    """Decode a JSON document (UTF-8, a leading byte-order mark allowed), as ``json.loads``.
+    """Decode a JSON document, as ``json.loads(data)`` does.
 
     Raises ValueError (json.JSONDecodeError or UnicodeDecodeError) or RecursionError."""
-    text = data.decode("utf-8-sig")
-    if _scan is None:  # pragma: no cover
+    if _scan is None or data[:2].count(0) or data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        # No accelerator, or UTF-16/32 (a NUL in the first two bytes, or their byte-order mark):
+        # json detects those encodings itself.
         import json
 
-        return json.loads(text)
+        return json.loads(data)
+    if data[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark, which json skips
+        data = data[3:]
+    text = data.decode("utf-8", "surrogatepass")
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         value, end = _scan(text, start)
@@ -67,13 +70,17 @@ def loads(data: bytes) -> Any:
     # Not a valid document: json itself says why, with its own exception and message.
     import json
 
-    return json.loads(text)
+    return json.loads(data)
 
 
 def dumps(value: Any) -> str:
     """Encode as ``json.dumps(value)`` does with its defaults. Raises TypeError or ValueError."""
-    if _encode is None:  # pragma: no cover
+    if _scan is None:  # pragma: no cover
         import json
 
         return json.dumps(value)
-    return "".join(_encode(value, 0))
+    # A fresh markers dict per call, as json's encoder: it detects circular references.
+    encode = _json.make_encoder(
+        {}, _no_default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+    return "".join(encode(value, 0))

@@ -45,6 +45,8 @@ SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x4, 0x5
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME = 16_384
+MAX_FRAME_LIMIT = 2**24 - 1  # RFC 9113 6.5.2
+MAX_WINDOW = 2**31 - 1
 STREAM = 1  # the one stream of the connection
 # How much the plugin lets coild send: grpcio's default limit for a received message (4 MiB).
 RECEIVE_LIMIT = 4 * 1024 * 1024
@@ -133,18 +135,19 @@ def request_headers(path: str, timeout_ms: int) -> bytes:
     )
 
 
+_HEX = b"0123456789abcdefABCDEF"
+
+
 def _percent_decode(text: bytes) -> str:
     """grpc-message is percent-encoded UTF-8 (PROTOCOL-HTTP2.md)."""
     out = bytearray()
     i = 0
     while i < len(text):
-        if text[i] == 0x25 and i + 2 < len(text):  # "%" and two hex digits
-            try:
-                out.append(int(text[i + 1 : i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
+        digits = text[i + 1 : i + 3]
+        if text[i] == 0x25 and len(digits) == 2 and all(d in _HEX for d in digits):
+            out.append(int(digits, 16))
+            i += 3
+            continue
         out.append(text[i])
         i += 1
     return out.decode("utf-8", "replace")
@@ -166,6 +169,7 @@ class _Connection:
         self.data = bytearray()
         self.closed = False  # stream 1 ended (END_STREAM from the server)
         self.goaway: tuple[int, int] | None = None  # (last stream id, error code)
+        self.write_closed = False  # coild stopped reading (it answered, or went away)
 
     def _remaining(self) -> float:
         left = self._deadline - time.monotonic()
@@ -174,8 +178,15 @@ class _Connection:
         return left
 
     def send(self, data: bytes) -> None:
+        """Send, unless coild has stopped reading: then the answer may already be waiting, so
+        the caller goes on reading and fails only if it is not there."""
+        if self.write_closed:
+            return
         self._sock.settimeout(self._remaining())
-        self._sock.sendall(data)
+        try:
+            self._sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.write_closed = True
 
     def _read_exact(self, size: int) -> bytes:
         while len(self._buffer) < size:
@@ -207,10 +218,14 @@ class _Connection:
                 self.send(_frame(PING, ACK, 0, payload))
         elif kind == WINDOW_UPDATE:
             increment = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
+            if increment == 0:
+                raise RpcError("INTERNAL", "coild sent a WINDOW_UPDATE of zero")
             if stream == 0:
                 self.send_window += increment
             elif stream == STREAM:
                 self.stream_window += increment
+            if max(self.send_window, self.stream_window) > MAX_WINDOW:
+                raise RpcError("INTERNAL", "coild let a flow-control window overflow")
         elif kind == GOAWAY:
             last = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
             code = int.from_bytes(payload[4:8], "big")
@@ -227,6 +242,8 @@ class _Connection:
         elif kind == HEADERS:
             block = self._unpad(flags, payload)
             if flags & PRIORITY:
+                if len(block) < 5:
+                    raise RpcError("INTERNAL", "coild sent a HEADERS frame with invalid priority")
                 block = block[5:]
             while not flags & END_HEADERS:
                 kind, cont_flags, cont_stream, more = self._frame()
@@ -241,7 +258,9 @@ class _Connection:
             self.closed = bool(flags & END_STREAM)
         elif kind == DATA:
             self.data += self._unpad(flags, payload)
-            if len(self.data) > RECEIVE_WINDOW:
+            # The length prefix says at once whether the answer fits (flow control would
+            # otherwise stall a larger one until the deadline).
+            if len(self.data) >= 5 and int.from_bytes(self.data[1:5], "big") > RECEIVE_LIMIT:
                 raise RpcError(
                     "RESOURCE_EXHAUSTED", f"coild's answer exceeds {RECEIVE_LIMIT} bytes"
                 )
@@ -256,19 +275,25 @@ class _Connection:
         return payload[1 : len(payload) - payload[0]]
 
     def _settings(self, payload: bytes) -> None:
+        if len(payload) % 6:
+            raise RpcError("INTERNAL", "coild sent a SETTINGS frame of a wrong length")
         for i in range(0, len(payload) - 5, 6):
             key = int.from_bytes(payload[i : i + 2], "big")
             value = int.from_bytes(payload[i + 2 : i + 6], "big")
             if key == SETTINGS_INITIAL_WINDOW_SIZE:  # applies to open streams as a delta
+                if value > MAX_WINDOW:
+                    raise RpcError("INTERNAL", f"coild announced a window of {value} bytes")
                 self.stream_window += value - self._initial_window
                 self._initial_window = value
             elif key == SETTINGS_MAX_FRAME_SIZE:
+                if not DEFAULT_MAX_FRAME <= value <= MAX_FRAME_LIMIT:
+                    raise RpcError("INTERNAL", f"coild announced a frame size of {value} bytes")
                 self.max_frame = value
 
     def send_data(self, body: bytes) -> None:
         """Send ``body`` on stream 1 with END_STREAM, within the peer's frame size and windows."""
         sent = 0
-        while True:
+        while not self.write_closed:
             allowed = min(self.send_window, self.stream_window, self.max_frame)
             if allowed <= 0 and sent < len(body):
                 self.read_frame()  # wait for WINDOW_UPDATE or SETTINGS
@@ -293,7 +318,8 @@ def _connect(path: str, deadline: float) -> _socket.socket:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.connect(path)
             return sock
-        except (ConnectionRefusedError, FileNotFoundError) as e:
+        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError) as e:
+            # Refused: coild is restarting. BlockingIOError (EAGAIN): its accept queue is full.
             sock.close()
             if time.monotonic() + CONNECT_RETRY_S >= deadline:
                 raise RpcError(
@@ -309,26 +335,21 @@ def _connect(path: str, deadline: float) -> _socket.socket:
 
 
 def _status(conn: _Connection) -> tuple[str, str]:
-    """(status name, message) from the answer's headers and trailers."""
+    """(status name, message) from the answer's headers and trailers: grpc-status if present,
+    else what the HTTP status means (as grpcio decides)."""
     fields: dict[bytes, bytes] = {}
     for block in conn.headers:
         fields.update(block)
+    raw = fields.get(b"grpc-status")
+    if raw is not None:
+        number = int(raw) if raw.isdigit() else -1
+        name = STATUS_NAMES[number] if 0 <= number < len(STATUS_NAMES) else "UNKNOWN"
+        return name, _percent_decode(fields.get(b"grpc-message", b""))
     http_status = fields.get(b":status", b"")
     if http_status != b"200":
-        try:
-            code = int(http_status)
-        except ValueError:
-            code = 0
+        code = int(http_status) if http_status.isdigit() else 0
         return HTTP_STATUS_NAMES.get(code, "UNKNOWN"), f"coild answered HTTP status {code}"
-    raw = fields.get(b"grpc-status")
-    if raw is None:
-        return "INTERNAL", "coild's answer has no grpc-status"
-    try:
-        number = int(raw)
-    except ValueError:
-        number = -1
-    name = STATUS_NAMES[number] if 0 <= number < len(STATUS_NAMES) else "UNKNOWN"
-    return name, _percent_decode(fields.get(b"grpc-message", b""))
+    return "UNKNOWN", "coild's answer has no grpc-status"
 
 
 def call(socket_path: str, method: str, request: bytes, timeout: float) -> bytes:
@@ -354,7 +375,7 @@ def call(socket_path: str, method: str, request: bytes, timeout: float) -> bytes
                 HEADERS,
                 END_HEADERS,
                 STREAM,
-                request_headers(method, max(1, int(timeout * 1000))),
+                request_headers(method, max(1, int((deadline - time.monotonic()) * 1000))),
             )
         )
         conn.send_data(b"\x00" + len(request).to_bytes(4, "big") + request)
