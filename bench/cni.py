@@ -287,7 +287,7 @@ def run(lab: Lab, allocator: str, log: Callable[[str], None]) -> dict[str, Any]:
             True,
         ),
         (
-            "floor: -I -S, sys.path, asyncio deferred, os._exit (coil's launcher recipe)",
+            "floor: -I -S, sys.path, asyncio deferred, os._exit (coil's recipe with grpcio)",
             launcher(lab.root / "floor-isdx", paths, defer=True, fast_exit=True),
             True,
         ),
