@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import tempfile
 import threading
@@ -223,7 +224,7 @@ def server() -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
-        os.rmdir(directory) if not os.listdir(directory) else None
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("size", [0, 1, 16_379, 16_380, 70_000, 3_000_000], ids=lambda s: f"{s}B")

@@ -168,7 +168,6 @@ class _Connection:
         self.headers: list[list[tuple[bytes, bytes]]] = []  # header blocks of stream 1, in order
         self.data = bytearray()
         self.closed = False  # stream 1 ended (END_STREAM from the server)
-        self.goaway: tuple[int, int] | None = None  # (last stream id, error code)
         self.write_closed = False  # coild stopped reading (it answered, or went away)
 
     def _remaining(self) -> float:
@@ -229,7 +228,6 @@ class _Connection:
         elif kind == GOAWAY:
             last = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
             code = int.from_bytes(payload[4:8], "big")
-            self.goaway = (last, code)
             if last < STREAM:
                 raise RpcError("UNAVAILABLE", f"coild refused the call (GOAWAY, error {code})")
         elif stream != STREAM:
