@@ -20,8 +20,6 @@ import grpc
 from bench.common import Lab, metric_sum, pick, rss_kb, scrape
 from coil.v1 import allocator_pb2 as apb
 from coil.v1 import allocator_pb2_grpc as apb_grpc
-from coil.v1 import nodeagent_pb2 as npb
-from coil.v1 import nodeagent_pb2_grpc as npb_grpc
 from coil_allocator.allocator import Allocator
 from coil_allocator.errors import AlreadyExists
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
@@ -155,7 +153,7 @@ def _coild_ready(lab: Lab, allocator: str) -> dict[str, Any]:
     ns = lab.netns()
     sock = lab.root / "coild-big.sock"
     times = []
-    from tests.harness.cluster import start_coild
+    from tests.harness.cluster import coild_answers, start_coild
 
     for run in range(REPEATS):
         sock.unlink(missing_ok=True)
@@ -172,19 +170,9 @@ def _coild_ready(lab: Lab, allocator: str) -> dict[str, Any]:
         try:
             ready = None
             while time.perf_counter() - t0 < 30 and proc.alive():
-                if sock.exists():
-                    try:
-                        with grpc.insecure_channel(f"unix:{sock}") as ch:
-                            npb_grpc.NodeAgentServiceStub(ch).Check(
-                                npb.CheckRequest(
-                                    attachment=npb.Attachment(container_id="probe", interface="x")
-                                ),
-                                timeout=1,
-                            )
-                    except grpc.RpcError as e:
-                        if e.code() == grpc.StatusCode.NOT_FOUND:
-                            ready = time.perf_counter() - t0
-                            break
+                if coild_answers(sock):
+                    ready = time.perf_counter() - t0
+                    break
                 time.sleep(0.005)
             if ready is None:
                 return {"error": f"coild not ready on run {run}: {proc.tail()}"}

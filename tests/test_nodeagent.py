@@ -27,7 +27,7 @@ from coil_allocator.allocator import Allocator
 from coil_allocator.blocks import Address, Network
 from coil_allocator.model import Family, Owner, RecordOutcome, RecordRequest
 from coil_allocator.servicer import serve as serve_allocator
-from coild.agent import AgentConfig, AllocateRequest, NodeAgent, PodAddress
+from coild.agent import AgentConfig, AllocateRequest, NodeAgent, NoEvents, PodAddress
 from coild.allocator_client import AllocatorClient
 from coild.errors import (
     AddressTaken,
@@ -422,16 +422,7 @@ def test_batches_are_observed_and_merged(allocator: Allocator, allocator_addr: s
     allocator.create_pool("default", ["10.51.0.0/22"], 4)
     sizes: list[int] = []
 
-    class Events:
-        def allocated(self, pool: str, seconds: float) -> None:
-            pass
-
-        def released(self, count: int) -> None:
-            pass
-
-        def failed(self, operation: str, kind: str) -> None:
-            pass
-
+    class Events(NoEvents):
         def batch(self, kind: str, size: int) -> None:
             if kind == "record":
                 sizes.append(size)

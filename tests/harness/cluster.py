@@ -146,23 +146,23 @@ def start_coild(
     return proc
 
 
-def wait_coild_ready(socket: Path, proc: Proc | None = None, timeout: float = 20) -> None:
-    def ready() -> bool:
-        if not socket.exists():
-            return False
-        try:
-            with grpc.insecure_channel(f"unix:{socket}") as ch:
-                npb_grpc.NodeAgentServiceStub(ch).Check(
-                    npb.CheckRequest(
-                        attachment=npb.Attachment(container_id="probe", interface="x")
-                    ),
-                    timeout=1,
-                )
-        except grpc.RpcError as e:
-            return e.code() == grpc.StatusCode.NOT_FOUND
-        return True
+def coild_answers(socket: Path) -> bool:
+    """Whether coild serves on `socket` (a Check of an unknown attachment gets its NOT_FOUND)."""
+    if not socket.exists():
+        return False
+    try:
+        with grpc.insecure_channel(f"unix:{socket}") as ch:
+            npb_grpc.NodeAgentServiceStub(ch).Check(
+                npb.CheckRequest(attachment=npb.Attachment(container_id="probe", interface="x")),
+                timeout=1,
+            )
+    except grpc.RpcError as e:
+        return e.code() == grpc.StatusCode.NOT_FOUND
+    return True
 
-    wait_until(f"coild on {socket}", ready, timeout=timeout, proc=proc)
+
+def wait_coild_ready(socket: Path, proc: Proc | None = None, timeout: float = 20) -> None:
+    wait_until(f"coild on {socket}", lambda: coild_answers(socket), timeout=timeout, proc=proc)
 
 
 def install_plugin(dest: Path) -> Path:

@@ -13,7 +13,7 @@ lost reply may hide a committed change; the allocator's callers decide).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -204,31 +204,17 @@ class EtcdStore:
 
     def get(self, key: str) -> KeyValue | None:
         request = etcdrpc.RangeRequest(key=key.encode())
-        response = self._call(
-            lambda ch: self._kv_stubs[id(ch)].Range(
-                request, timeout=self._config.timeout, metadata=self._metadata()
-            ),
-            idempotent=True,
-        )
+        response = self._call(self._ranger(request), idempotent=True)
         return _kv(response.kvs[0]) if response.kvs else None
 
     def range(
         self, prefix: str, *, keys_only: bool = False, revision: int = 0
     ) -> tuple[list[KeyValue], int]:
-        end = prefix_end(prefix).encode()
-        start = prefix.encode()
         out: list[KeyValue] = []
-        while True:
-            request = etcdrpc.RangeRequest(
-                key=start, range_end=end, limit=_PAGE, revision=revision, keys_only=keys_only
-            )
-            response = self._call(self._ranger(request), idempotent=True)
-            if revision == 0:
-                revision = response.header.revision
-            out.extend(_kv(kv) for kv in response.kvs)
-            if not response.more or not response.kvs:
-                return out, revision
-            start = response.kvs[-1].key + b"\0"
+        for kvs, read_at in self._pages(prefix, keys_only=keys_only, revision=revision):
+            out.extend(_kv(kv) for kv in kvs)
+            revision = read_at
+        return out, revision
 
     def count(self, prefix: str, *, revision: int = 0) -> int:
         request = etcdrpc.RangeRequest(
@@ -240,20 +226,29 @@ class EtcdStore:
         return int(self._call(self._ranger(request), idempotent=True).count)
 
     def keys(self, prefix: str, *, revision: int = 0) -> list[str]:
+        out: list[str] = []
+        for kvs, _ in self._pages(prefix, keys_only=True, revision=revision):
+            # No KeyValue per key: listing many keys is dominated by object creation.
+            out.extend(kv.key.decode() for kv in kvs)
+        return out
+
+    def _pages(
+        self, prefix: str, *, keys_only: bool, revision: int
+    ) -> Iterator[tuple[Sequence[Any], int]]:
+        """The raw key-values under ``prefix`` page by page, with the revision they were read at:
+        ``revision``, or if 0 the first page's, so that every page shows the same state."""
         end = prefix_end(prefix).encode()
         start = prefix.encode()
-        out: list[str] = []
         while True:
             request = etcdrpc.RangeRequest(
-                key=start, range_end=end, limit=_PAGE, revision=revision, keys_only=True
+                key=start, range_end=end, limit=_PAGE, revision=revision, keys_only=keys_only
             )
             response = self._call(self._ranger(request), idempotent=True)
             if revision == 0:
                 revision = response.header.revision
-            # No KeyValue per key: listing many keys is dominated by object creation.
-            out.extend(kv.key.decode() for kv in response.kvs)
+            yield response.kvs, revision
             if not response.more or not response.kvs:
-                return out
+                return
             start = response.kvs[-1].key + b"\0"
 
     def _ranger(self, request: Any) -> Callable[[grpc.Channel], Any]:

@@ -117,7 +117,9 @@ class AgentEvents(Protocol):
     def batch(self, kind: str, size: int) -> None: ...
 
 
-class _NoEvents:
+class NoEvents:
+    """AgentEvents that record nothing (the default; subclass it to watch one kind of event)."""
+
     def allocated(self, pool: str, seconds: float) -> None:
         pass
 
@@ -146,7 +148,7 @@ class NodeAgent:
         self.config = config
         self.allocator = allocator
         self.routes = routes
-        self.events = events or _NoEvents()
+        self.events = events or NoEvents()
         self._clock = clock
         self._lock = threading.Lock()
         self.state = NodeState()
