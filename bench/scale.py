@@ -21,9 +21,9 @@ from bench.common import Lab, metric_sum, pick, rss_kb, scrape
 from coil.v1 import allocator_pb2 as apb
 from coil.v1 import allocator_pb2_grpc as apb_grpc
 from coil_allocator.allocator import Allocator
-from coil_allocator.errors import AlreadyExists
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
-from coil_allocator.model import Owner, RecordRequest
+from coil_core.errors import AlreadyExists
+from coil_core.model import Owner, RecordRequest
 
 POOL = "default"  # created by the CNI section: 10.0.0.0/12 in /26 blocks
 SUBNET = ipaddress.ip_network("10.0.0.0/12")

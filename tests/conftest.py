@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from coil_allocator.allocator import Allocator
-from coil_allocator.blocks import Address, Network, reserved_addresses
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coil_allocator.servicer import serve
+from coil_core.blocks import Address, Network, reserved_addresses
 from tests.harness.etcd import EtcdServer, start_etcd
 
 

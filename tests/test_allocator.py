@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from coil_allocator import errors
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdStore
-from coil_allocator.model import (
+from coil_core import errors
+from coil_core.model import (
     Family,
     Owner,
     RecordOutcome,

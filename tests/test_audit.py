@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from coil_allocator import errors
 from coil_allocator.allocator import Allocator
 from coil_allocator.audit import Severity
 from coil_allocator.etcd_store import EtcdStore
-from coil_allocator.model import Family, Owner, RecordRequest
 from coil_allocator.store import Delete, Put
+from coil_core import errors
+from coil_core.model import Family, Owner, RecordRequest
 from tests.conftest import snapshot, usable
 
 COILCTL = str(Path(sys.executable).parent / "coilctl")

@@ -32,9 +32,9 @@ from coil.v1 import allocator_pb2_grpc as apb_grpc
 from coil.v1 import nodeagent_pb2 as npb
 from coil.v1 import nodeagent_pb2_grpc as npb_grpc
 from coil_allocator.allocator import Allocator
-from coil_allocator.blocks import Network
 from coil_allocator.etcd_store import EtcdStore
-from coil_allocator.model import Owner, RecordRequest
+from coil_core.blocks import Network
+from coil_core.model import Owner, RecordRequest
 from coild.agent import AgentConfig, NodeAgent
 from coild.allocator_client import AllocatorClient
 from coild.server import serve as serve_agent

@@ -1,4 +1,4 @@
-"""Tests of coil_allocator.blocks: names, subnets, block arithmetic and the address chooser.
+"""Tests of coil_core.blocks: names, subnets, block arithmetic and the address chooser.
 
 Block arithmetic is checked against `ipaddress`'s own enumeration (`subnets(new_prefix=...)`) and
 integer arithmetic; `BlockAddresses` against `ModelBlock`, a list-based cursor written to be
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coil_allocator.blocks import (
+from coil_core.blocks import (
     Address,
     BlockAddresses,
     Network,
@@ -27,9 +27,9 @@ from coil_allocator.blocks import (
     parse_block_key,
     parse_subnet,
     validate_block_size,
-    validate_pool_name,
 )
-from coil_allocator.errors import AlreadyExists, InvalidArgument, PoolExhausted
+from coil_core.errors import AlreadyExists, InvalidArgument, PoolExhausted
+from coil_core.rules import validate_pool_name
 
 OP = "pool create"
 

@@ -26,7 +26,7 @@ import pytest
 
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdStore
-from coil_allocator.model import Family, HeldBlock, Owner, RecordRequest
+from coil_core.model import Family, HeldBlock, Owner, RecordRequest
 from tests.conftest import snapshot, usable
 
 COILCTL = Path(sys.executable).parent / "coilctl"

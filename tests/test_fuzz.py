@@ -18,7 +18,15 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coil_allocator.blocks import (
+from coil_cni import config
+from coil_cni.errors import (
+    DECODING_FAILURE,
+    INCOMPATIBLE_VERSION,
+    INVALID_CONFIG,
+    INVALID_ENVIRONMENT,
+    CNIError,
+)
+from coil_core.blocks import (
     Network,
     block_at,
     block_count,
@@ -30,23 +38,14 @@ from coil_allocator.blocks import (
     parse_block_key,
     parse_subnet,
     validate_block_size,
-    validate_pool_name,
 )
-from coil_allocator.errors import InvalidArgument
-from coil_allocator.model import (
+from coil_core.errors import InvalidArgument
+from coil_core.model import (
     Owner,
     RecordRequest,
     parse_address,
-    validate_node_name,
 )
-from coil_cni import config
-from coil_cni.errors import (
-    DECODING_FAILURE,
-    INCOMPATIBLE_VERSION,
-    INVALID_CONFIG,
-    INVALID_ENVIRONMENT,
-    CNIError,
-)
+from coil_core.rules import validate_node_name, validate_pool_name
 
 FUZZ = settings(
     max_examples=300,

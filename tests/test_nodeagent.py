@@ -24,9 +24,9 @@ import pytest
 from coil.v1 import nodeagent_pb2 as pb
 from coil.v1 import nodeagent_pb2_grpc as pb_grpc
 from coil_allocator.allocator import Allocator
-from coil_allocator.blocks import Address, Network
-from coil_allocator.model import Family, Owner, RecordOutcome, RecordRequest
 from coil_allocator.servicer import serve as serve_allocator
+from coil_core.blocks import Address, Network
+from coil_core.model import Family, Owner, RecordOutcome, RecordRequest
 from coild.agent import AgentConfig, AllocateRequest, NodeAgent, NoEvents, PodAddress
 from coild.allocator_client import AllocatorClient
 from coild.errors import (

@@ -6,7 +6,7 @@ and only here, after re-reading what changed, a bounded number of times with jit
 then `Conflict` is raised. Store unavailability (`Unavailable`) is never retried here: a
 transaction whose reply was lost may have committed, so the caller decides.
 
-All public methods raise the domain errors of `coil_allocator.errors`:
+All public methods raise the domain errors of `coil_core.errors`:
 `InvalidArgument`, `NotFound`, `AlreadyExists`, `FailedPrecondition`, `PoolExhausted`, `Conflict`,
 `Unavailable`, as their docstrings say.
 """
@@ -22,30 +22,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from coil_allocator.audit import Finding, Snapshot, audit
-from coil_allocator.blocks import (
-    Address,
-    Network,
-    block_at,
-    block_count,
-    block_key,
-    block_of,
-    find_overlap,
-    parse_block_key,
-    parse_subnet,
-    reserved_addresses,
-    validate_block_size,
-    validate_pool_name,
-    validate_pool_subnet,
-)
-from coil_allocator.errors import (
-    AlreadyExists,
-    CoilError,
-    Conflict,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PoolExhausted,
-)
 from coil_allocator.keys import (
     Keys,
     decode_pool,
@@ -54,23 +30,6 @@ from coil_allocator.keys import (
     encode_record,
     parse_record_path,
     record_ref,
-)
-from coil_allocator.model import (
-    AddressInfo,
-    AllocationRecord,
-    Family,
-    HeldBlock,
-    Pool,
-    PoolUsage,
-    RecordOutcome,
-    RecordRequest,
-    RecordResult,
-    ReleaseOutcome,
-    ReleaseRequest,
-    ReleaseResult,
-    SubnetBlocks,
-    parse_address,
-    validate_node_name,
 )
 from coil_allocator.store import (
     Compare,
@@ -86,6 +45,46 @@ from coil_allocator.store import (
     unchanged,
     value_is,
 )
+from coil_core.blocks import (
+    Address,
+    Network,
+    block_at,
+    block_count,
+    block_key,
+    block_of,
+    find_overlap,
+    parse_block_key,
+    parse_subnet,
+    reserved_addresses,
+    validate_block_size,
+    validate_pool_subnet,
+)
+from coil_core.errors import (
+    AlreadyExists,
+    CoilError,
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PoolExhausted,
+)
+from coil_core.model import (
+    AddressInfo,
+    AllocationRecord,
+    Family,
+    HeldBlock,
+    Pool,
+    PoolUsage,
+    RecordOutcome,
+    RecordRequest,
+    RecordResult,
+    ReleaseOutcome,
+    ReleaseRequest,
+    ReleaseResult,
+    SubnetBlocks,
+    parse_address,
+)
+from coil_core.rules import validate_node_name, validate_pool_name
 
 MAX_ATTEMPTS = 8
 """How often a change is tried when it keeps losing compares to concurrent writers."""

@@ -14,9 +14,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from coil_allocator.blocks import Address, Network, block_key, parse_block_key
 from coil_allocator.keys import Keys, decode_pool, parse_record_path, record_ref
-from coil_allocator.model import Pool, parse_address
 from coil_allocator.store import (
     Compare,
     Delete,
@@ -28,6 +26,8 @@ from coil_allocator.store import (
     unchanged,
     value_is,
 )
+from coil_core.blocks import Address, Network, block_key, parse_block_key
+from coil_core.model import Pool, parse_address
 
 
 class Severity(enum.IntEnum):

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import grpc
 from pyetcd import etcdrpc
 
-from coil_allocator.errors import CoilError, InvalidArgument, Unavailable
 from coil_allocator.store import (
     Compare,
     Delete,
@@ -31,6 +30,7 @@ from coil_allocator.store import (
     TxnResult,
     prefix_end,
 )
+from coil_core.errors import CoilError, InvalidArgument, Unavailable
 
 T = TypeVar("T")
 

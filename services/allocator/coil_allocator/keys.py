@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from coil_allocator.blocks import Address, Network, block_key, parse_block_key
-from coil_allocator.model import AllocationRecord, Owner, Pool, parse_address
+from coil_core.blocks import Address, Network, block_key, parse_block_key
+from coil_core.model import AllocationRecord, Owner, Pool, parse_address
 
 
 @dataclass(frozen=True)

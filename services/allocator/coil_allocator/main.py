@@ -14,9 +14,9 @@ import sys
 import threading
 
 from coil_allocator.allocator import Allocator
-from coil_allocator.errors import CoilError
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
-from coil_allocator.flags import Flag, env_parser
+from coil_core.errors import CoilError
+from coil_core.flags import Flag, env_parser
 
 log = logging.getLogger("coil.allocator")
 

@@ -13,8 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coil_allocator.allocator import Allocator
-from coil_allocator.errors import CoilError
-from coil_allocator.model import PoolUsage
+from coil_core.errors import CoilError
+from coil_core.model import PoolUsage
 
 
 class AllocatorMetrics:

@@ -1,26 +1,23 @@
 """The gRPC face of the allocator: protobuf in, domain values to `Allocator`, protobuf out.
 
-Domain errors become gRPC statuses here and nowhere else (`STATUS_OF`); every RPC is counted and
-timed by method and outcome on the way.
+Domain errors become gRPC statuses in the server interceptor both services share
+(`coil_grpc.status.ErrorsToStatus`), which also counts and times every RPC by method and outcome.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
-import time
-from collections.abc import Callable
 from concurrent import futures
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from coil.v1 import allocator_pb2 as pb
 from coil.v1 import allocator_pb2_grpc as pb_grpc
-from coil_allocator import errors
 from coil_allocator.allocator import Allocator
-from coil_allocator.model import (
+from coil_core import errors
+from coil_core.model import (
     AllocationRecord,
     Family,
     HeldBlock,
@@ -34,18 +31,9 @@ from coil_allocator.model import (
     ReleaseResult,
     parse_address,
 )
+from coil_grpc.status import ErrorsToStatus, Observer
 
 log = logging.getLogger("coil.allocator")
-
-STATUS_OF: dict[type[errors.CoilError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.PoolExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Conflict: grpc.StatusCode.ABORTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
 
 _FAMILY_TO_PB = {Family.IPV4: pb.FAMILY_IPV4, Family.IPV6: pb.FAMILY_IPV6}
 _FAMILY_FROM_PB = {pb.FAMILY_IPV4: Family.IPV4, pb.FAMILY_IPV6: Family.IPV6}
@@ -63,15 +51,7 @@ _RELEASE_OUTCOME = {
     ReleaseOutcome.INVALID: pb.RELEASE_OUTCOME_INVALID,
 }
 
-F = TypeVar("F", bound=Callable[..., Any])
-RpcObserver = Callable[[str, str, float], None]
-
-
-def _status_of(error: errors.CoilError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
-    return grpc.StatusCode.INTERNAL
+RpcObserver = Observer
 
 
 UINT64_MAX = 2**64 - 1
@@ -130,57 +110,23 @@ def _release_result_pb(result: ReleaseResult) -> pb.ReleaseResult:
 class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
     """Serves `coil.v1.AllocatorService` from an `Allocator`."""
 
-    def __init__(self, allocator: Allocator, observe: RpcObserver | None = None) -> None:
+    def __init__(self, allocator: Allocator) -> None:
         self.allocator = allocator
-        self._observe = observe or (lambda method, code, seconds: None)
 
-    @staticmethod
-    def _rpc(method: str) -> Callable[[F], F]:
-        """Map domain errors to statuses once, and report each call's outcome and duration."""
-
-        def wrap(fn: F) -> F:
-            @functools.wraps(fn)
-            def handler(
-                self: AllocatorServicer, request: Any, context: grpc.ServicerContext
-            ) -> Any:
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
-                    return fn(self, request, context)
-                except errors.CoilError as e:
-                    code = _status_of(e)
-                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                        log.warning("%s failed: %s", method, e)
-                    context.abort(code, str(e))
-                except Exception:
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("%s failed unexpectedly", method)
-                    context.abort(code, f"{method}: internal error; see the allocator's log")
-                finally:
-                    self._observe(method, code.name, time.perf_counter() - started)
-
-            return handler  # type: ignore[return-value]
-
-        return wrap
-
-    @_rpc("CreatePool")
     def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
         pool = self.allocator.create_pool(
             request.name, list(request.subnets), request.block_size_bits
         )
         return pb.CreatePoolResponse(pool=pool_pb(pool))
 
-    @_rpc("AddSubnet")
     def AddSubnet(self, request: pb.AddSubnetRequest, context: Any) -> pb.AddSubnetResponse:
         return pb.AddSubnetResponse(
             pool=pool_pb(self.allocator.add_subnet(request.pool, request.subnet))
         )
 
-    @_rpc("ListPools")
     def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
         return pb.ListPoolsResponse(pools=[pool_pb(p) for p in self.allocator.list_pools()])
 
-    @_rpc("GetPool")
     def GetPool(self, request: pb.GetPoolRequest, context: Any) -> pb.GetPoolResponse:
         pool, subnets = self.allocator.get_pool(request.name, request.subnet)
         return pb.GetPoolResponse(
@@ -195,12 +141,10 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             ],
         )
 
-    @_rpc("DeletePool")
     def DeletePool(self, request: pb.DeletePoolRequest, context: Any) -> pb.DeletePoolResponse:
         self.allocator.delete_pool(request.name)
         return pb.DeletePoolResponse()
 
-    @_rpc("ClaimBlock")
     def ClaimBlock(self, request: pb.ClaimBlockRequest, context: Any) -> pb.ClaimBlockResponse:
         if request.block:
             held = self.allocator.claim_specific_block(request.node, request.pool, request.block)
@@ -211,14 +155,12 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
         block, retries = self.allocator.claim_block(request.node, request.pool, family)
         return pb.ClaimBlockResponse(block=block_pb(block), retries=retries)
 
-    @_rpc("ReleaseBlock")
     def ReleaseBlock(
         self, request: pb.ReleaseBlockRequest, context: Any
     ) -> pb.ReleaseBlockResponse:
         self.allocator.release_block(request.node, request.pool, request.block)
         return pb.ReleaseBlockResponse()
 
-    @_rpc("ListNodeBlocks")
     def ListNodeBlocks(
         self, request: pb.ListNodeBlocksRequest, context: Any
     ) -> pb.ListNodeBlocksResponse:
@@ -229,12 +171,10 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             revision=revision,
         )
 
-    @_rpc("ReleaseNode")
     def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: Any) -> pb.ReleaseNodeResponse:
         blocks, removed = self.allocator.release_node(request.node, request.force)
         return pb.ReleaseNodeResponse(blocks=[block_pb(b) for b in blocks], records_removed=removed)
 
-    @_rpc("RecordAllocations")
     def RecordAllocations(
         self, request: pb.RecordAllocationsRequest, context: Any
     ) -> pb.RecordAllocationsResponse:
@@ -255,7 +195,6 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             results[i] = _record_result_pb(result)
         return pb.RecordAllocationsResponse(results=[r for r in results if r is not None])
 
-    @_rpc("ReleaseAllocations")
     def ReleaseAllocations(
         self, request: pb.ReleaseAllocationsRequest, context: Any
     ) -> pb.ReleaseAllocationsResponse:
@@ -274,7 +213,6 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             results[i] = _release_result_pb(result)
         return pb.ReleaseAllocationsResponse(results=[r for r in results if r is not None])
 
-    @_rpc("GetAddress")
     def GetAddress(self, request: pb.GetAddressRequest, context: Any) -> pb.GetAddressResponse:
         info = self.allocator.address_info(request.address)
         out = pb.GetAddressResponse(pool=info.pool, block=str(info.block), node=info.node)
@@ -282,13 +220,11 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             out.record.CopyFrom(record_pb(info.record))
         return out
 
-    @_rpc("FreeAddress")
     def FreeAddress(self, request: pb.FreeAddressRequest, context: Any) -> pb.FreeAddressResponse:
         return pb.FreeAddressResponse(
             record=record_pb(self.allocator.free_address(request.address))
         )
 
-    @_rpc("GetUsage")
     def GetUsage(self, request: pb.GetUsageRequest, context: Any) -> pb.GetUsageResponse:
         return pb.GetUsageResponse(
             usage=[
@@ -304,14 +240,12 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             ]
         )
 
-    @_rpc("ReportNode")
     def ReportNode(self, request: pb.ReportNodeRequest, context: Any) -> pb.ReportNodeResponse:
         lease_id, ttl = self.allocator.report_node(
             request.node, request.lease_id, list(request.routes), request.table
         )
         return pb.ReportNodeResponse(lease_id=lease_id, ttl=ttl)
 
-    @_rpc("CheckStore")
     def CheckStore(self, request: pb.CheckStoreRequest, context: Any) -> pb.CheckStoreResponse:
         grace = request.empty_grace_seconds if request.HasField("empty_grace_seconds") else 600
         if grace < 0:
@@ -346,8 +280,13 @@ def serve(
     Returns the started server and the bound port (0 for a UNIX socket). Raises RuntimeError if
     the address cannot be bound.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    pb_grpc.add_AllocatorServiceServicer_to_server(AllocatorServicer(allocator, observe), server)
+    interceptor = ErrorsToStatus(
+        "coil.v1.AllocatorService", log, "internal error; see the allocator's log", observe
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[interceptor]
+    )
+    pb_grpc.add_AllocatorServiceServicer_to_server(AllocatorServicer(allocator), server)
     if health is not None:
         from grpc_health.v1 import health_pb2_grpc
 
@@ -363,4 +302,4 @@ def serve(
     return server, port
 
 
-__all__ = ["AllocatorServicer", "serve", "STATUS_OF", "ipaddress"]
+__all__ = ["AllocatorServicer", "serve", "ipaddress"]

@@ -127,8 +127,8 @@ def none_changed_since(prefix: str, revision: int) -> Compare:
 class Store(Protocol):
     """What the allocator needs from its store.
 
-    Every method raises `coil_allocator.errors.Unavailable` when the store cannot be reached or
-    does not answer in time, and `coil_allocator.errors.CoilError` for any other store failure
+    Every method raises `coil_core.errors.Unavailable` when the store cannot be reached or
+    does not answer in time, and `coil_core.errors.CoilError` for any other store failure
     (for example a transaction larger than the store accepts). Reads may be retried by the adapter
     on another endpoint; transactions are never retried by it.
     """

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from coil.v1 import allocator_pb2 as apb
-from coil_allocator.blocks import Address, Network, gateway_of, reserved_addresses
+from coil_core.blocks import Address, Network, gateway_of, reserved_addresses
 from coild.allocator_client import AllocatorClient
 from coild.batcher import GroupCommitter
 from coild.errors import (

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from coil_allocator.flags import Flag, env_parser
+from coil_core.flags import Flag, env_parser
 
 log = logging.getLogger("coild")
 

@@ -1,6 +1,7 @@
 """The gRPC face of the node agent, on a UNIX socket for the CNI plugin.
 
-Domain errors become gRPC statuses here and nowhere else (`STATUS_OF`). The socket is created
+Domain errors become gRPC statuses in the server interceptor both services share
+(`coil_grpc.status.ErrorsToStatus`), which also counts and times every RPC. The socket is created
 with mode 0600, so only root (the container runtime) can connect.
 """
 
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -17,32 +16,11 @@ import grpc
 
 from coil.v1 import nodeagent_pb2 as pb
 from coil.v1 import nodeagent_pb2_grpc as pb_grpc
-from coil_allocator.errors import InvalidArgument
-from coil_allocator.model import Owner, parse_address
-from coild import errors
+from coil_core.rules import parse_address, validate_attachment
+from coil_grpc.status import ErrorsToStatus, Observer
 from coild.agent import AllocateRequest, NodeAgent, PodAddress
 
 log = logging.getLogger("coild")
-
-STATUS_OF: dict[type[errors.NodeAgentError], grpc.StatusCode] = {
-    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NoPool: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.AddressTaken: grpc.StatusCode.ALREADY_EXISTS,
-    errors.NotHeld: grpc.StatusCode.NOT_FOUND,
-    errors.AllocatorUnavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.AllocatorRejected: grpc.StatusCode.INTERNAL,
-    errors.RouteError: grpc.StatusCode.INTERNAL,
-}
-
-Observer = Callable[[str, str, float], None]
-
-
-def _status_of(error: errors.NodeAgentError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
-    return grpc.StatusCode.INTERNAL
 
 
 def _addresses_pb(addresses: list[PodAddress]) -> list[pb.PodAddress]:
@@ -52,81 +30,48 @@ def _addresses_pb(addresses: list[PodAddress]) -> list[pb.PodAddress]:
 def _attachment(message: pb.Attachment, op: str) -> tuple[str, str]:
     """The attachment's (container ID, interface), checked as the allocator will check them, so
     a bad one is refused before anything is claimed."""
-    try:
-        Owner("", "", message.container_id, message.interface).validate(op)
-    except InvalidArgument as e:
-        raise errors.InvalidRequest(str(e)) from None
+    validate_attachment(message.container_id, message.interface, op)
     return message.container_id, message.interface
 
 
 class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
-    def __init__(self, agent: NodeAgent, observe: Observer | None = None) -> None:
-        self.agent = agent
-        self._observe = observe or (lambda method, code, seconds: None)
+    """Protobuf in, domain values to `NodeAgent`, protobuf out; errors pass to the interceptor."""
 
-    def _serve(self, method: str, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return fn()
-        except errors.NodeAgentError as e:
-            code = _status_of(e)
-            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                log.warning("%s failed: %s", method, e)
-            context.abort(code, str(e))
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed unexpectedly", method)
-            context.abort(code, f"{method}: internal error in coild; see its log")
-        finally:
-            self._observe(method, code.name, time.perf_counter() - started)
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
 
     def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
-        def run() -> pb.AllocateResponse:
-            cid, ifname = _attachment(request.attachment, "allocate")
-            requested = []
-            for text in request.requested_addresses:
-                try:
-                    requested.append(parse_address(text, "allocate: requested address"))
-                except InvalidArgument as e:
-                    raise errors.InvalidRequest(str(e)) from None
-            addresses = self.agent.allocate(
-                AllocateRequest(
-                    cid, ifname, request.namespace or "default", request.pod, tuple(requested)
-                )
+        cid, ifname = _attachment(request.attachment, "allocate")
+        requested = [
+            parse_address(text, "allocate: requested address")
+            for text in request.requested_addresses
+        ]
+        addresses = self.agent.allocate(
+            AllocateRequest(
+                cid, ifname, request.namespace or "default", request.pod, tuple(requested)
             )
-            return pb.AllocateResponse(addresses=_addresses_pb(addresses))
-
-        return self._serve("Allocate", context, run)
+        )
+        return pb.AllocateResponse(addresses=_addresses_pb(addresses))
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
-        def run() -> pb.ReleaseResponse:
-            cid, ifname = _attachment(request.attachment, "release")
-            return pb.ReleaseResponse(addresses=[str(a) for a in self.agent.release(cid, ifname)])
-
-        return self._serve("Release", context, run)
+        cid, ifname = _attachment(request.attachment, "release")
+        return pb.ReleaseResponse(addresses=[str(a) for a in self.agent.release(cid, ifname)])
 
     def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
-        def run() -> pb.CheckResponse:
-            cid, ifname = _attachment(request.attachment, "check")
-            return pb.CheckResponse(addresses=_addresses_pb(self.agent.check(cid, ifname)))
-
-        return self._serve("Check", context, run)
+        cid, ifname = _attachment(request.attachment, "check")
+        return pb.CheckResponse(addresses=_addresses_pb(self.agent.check(cid, ifname)))
 
     def GarbageCollect(
         self, request: pb.GarbageCollectRequest, context: Any
     ) -> pb.GarbageCollectResponse:
-        def run() -> pb.GarbageCollectResponse:
-            valid = {(a.container_id, a.interface) for a in request.valid_attachments}
-            released = self.agent.garbage_collect(valid)
-            return pb.GarbageCollectResponse(
-                released=[pb.Attachment(container_id=c, interface=i) for c, i in released]
-            )
-
-        return self._serve("GarbageCollect", context, run)
+        valid = {(a.container_id, a.interface) for a in request.valid_attachments}
+        released = self.agent.garbage_collect(valid)
+        return pb.GarbageCollectResponse(
+            released=[pb.Attachment(container_id=c, interface=i) for c, i in released]
+        )
 
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
-        return self._serve("Status", context, lambda: pb.StatusResponse(pools=self.agent.status()))
+        return pb.StatusResponse(pools=self.agent.status())
 
 
 def serve(
@@ -139,8 +84,13 @@ def serve(
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     os.makedirs(os.path.dirname(socket_path) or ".", exist_ok=True)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    pb_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent, observe), server)
+    interceptor = ErrorsToStatus(
+        "coil.v1.NodeAgentService", log, "internal error in coild; see its log", observe
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[interceptor]
+    )
+    pb_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server)
     old = os.umask(0o177)
     try:
         server.add_insecure_port(f"unix:{socket_path}")

@@ -11,8 +11,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from coil_allocator.blocks import Address, BlockAddresses, Network
-from coil_allocator.errors import AlreadyExists, InvalidArgument
+from coil_core.blocks import Address, BlockAddresses, Network
+from coil_core.errors import AlreadyExists, InvalidArgument
 from coild.errors import AddressTaken, InvalidRequest
 
 AttachmentKey = tuple[str, str]  # (container ID, interface)

@@ -2,10 +2,11 @@
 
 Pure logic: no etcd, gRPC or netlink. A pool's subnet is cut into aligned blocks of ``2**bits``
 addresses; the allocator hands whole blocks to nodes and the node agent hands out single addresses
-of its blocks with `BlockAddresses`.
+of its blocks with `BlockAddresses`. The rules for text input (names, subnets, addresses) live in
+`coil_core.rules`.
 
 Functions that can reject their input take an ``op`` argument (``"pool create"``,
-``"pool add-subnet"``, ...) and raise the domain errors of `coil_allocator.errors` with messages
+``"pool add-subnet"``, ...) and raise the domain errors of `coil_core.errors` with messages
 that start with it and quote the input, e.g. ``pool create "Bad_Name": not a valid namespace
 name``. Arguments that only a caller bug can get wrong (a block size that was not validated with
 `validate_block_size`) raise ``ValueError`` instead.
@@ -13,96 +14,13 @@ name``. Arguments that only a caller bug can get wrong (a block size that was no
 
 import functools
 import ipaddress
-import re
 from collections.abc import Iterable
-from typing import TypeAlias
 
-from coil_allocator.errors import AlreadyExists, InvalidArgument, PoolExhausted
+from coil_core.errors import AlreadyExists, InvalidArgument, PoolExhausted
+from coil_core.rules import Address, Network, parse_subnet
 
-Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-MAX_POOL_NAME_LENGTH = 63
 MAX_BLOCK_BITS = 16
 """Largest block: 2**16 addresses, so that a block's records and `BlockAddresses` stay bounded."""
-
-_DNS1123_RULE = (
-    "DNS-1123 label: 1-63 characters of lowercase a-z, 0-9 and '-', "
-    "starting and ending with a letter or digit"
-)
-_POOL_NAME_CHARS = re.compile(r"[a-z0-9-]*")
-_CIDR = re.compile(r"(?P<address>[^/]+)/(?P<prefixlen>[0-9]{1,3})")
-
-
-def validate_pool_name(name: str, op: str) -> str:
-    """Return ``name`` if it is a valid Kubernetes namespace name (a DNS-1123 label).
-
-    Raises:
-        InvalidArgument: ``name`` is empty, longer than 63 characters, contains anything but
-            lowercase a-z, 0-9 and '-', or starts or ends with '-'.
-    """
-    if not name:
-        reason = "empty"
-    elif len(name) > MAX_POOL_NAME_LENGTH:
-        reason = f"{len(name)} characters, more than {MAX_POOL_NAME_LENGTH}"
-    elif not _POOL_NAME_CHARS.fullmatch(name):
-        bad = next(c for c in name if not _POOL_NAME_CHARS.fullmatch(c))
-        reason = f"character {bad!r} is not allowed"
-    elif name.startswith("-") or name.endswith("-"):
-        reason = "starts or ends with '-'"
-    else:
-        return name
-    raise InvalidArgument(f'{op} "{name}": not a valid namespace name: {reason} ({_DNS1123_RULE})')
-
-
-def parse_subnet(text: str, op: str) -> Network:
-    """Parse a CIDR such as ``"10.0.0.0/16"`` or ``"fd00::/48"`` strictly.
-
-    The prefix length must be written in decimal (no netmask form) and the address must be the
-    network address. ``str()`` of the result is the canonical form (IPv6 compressed, lowercase).
-
-    Raises:
-        InvalidArgument: ``text`` is not a CIDR, lacks the prefix length, has a prefix length out
-            of range for its family, or has host bits set (the message suggests the network
-            address).
-    """
-    match = _CIDR.fullmatch(text)
-    if match is None:
-        if "/" not in text and _is_address(text):
-            raise InvalidArgument(
-                f'{op} "{text}": missing prefix length (expected a CIDR like "{text}/<length>")'
-            )
-        raise InvalidArgument(
-            f'{op} "{text}": not a CIDR (expected an address and a prefix length, '
-            'like "10.0.0.0/16" or "fd00::/48")'
-        )
-    address_text = match["address"]
-    if not _is_address(address_text):
-        raise InvalidArgument(f'{op} "{text}": "{address_text}" is not an IPv4 or IPv6 address')
-    address = ipaddress.ip_address(address_text)
-    prefixlen = int(match["prefixlen"])
-    if prefixlen > address.max_prefixlen:
-        raise InvalidArgument(
-            f'{op} "{text}": prefix length {prefixlen} is out of range for '
-            f"IPv{address.version} (0-{address.max_prefixlen})"
-        )
-    network = ipaddress.ip_network((address, prefixlen), strict=False)
-    if network.network_address != address:
-        raise InvalidArgument(
-            f'{op} "{text}": not a network address (host bits set); did you mean "{network}"?'
-        )
-    return network
-
-
-def _is_address(text: str) -> bool:
-    # A scope id ("fe80::1%eth0") names an interface; it has no place in a pool's subnet.
-    if "%" in text:
-        return False
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def host_bits(subnet: Network) -> int:

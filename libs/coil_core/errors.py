@@ -1,13 +1,14 @@
-"""Domain errors of the allocator.
+"""coil's domain errors, raised by the allocator and the node agent alike.
 
-Every error that leaves this package is a `CoilError`; each subclass maps to one gRPC status code
-(the mapping lives in `coil_allocator.servicer`). Messages name the operation and quote the input,
+Every error that leaves a service is a `CoilError`; each class here maps to one gRPC status code,
+in one place (`coil_grpc.status`), and the node agent's own errors (`coild.errors`) subclass these
+so that the same mapping serves both servers. Messages name the operation and quote the input,
 for example ``pool create "Bad_Name": not a valid namespace name``.
 """
 
 
 class CoilError(Exception):
-    """Base class of the allocator's domain errors."""
+    """Base class of coil's domain errors."""
 
 
 class InvalidArgument(CoilError):
@@ -36,3 +37,8 @@ class Conflict(CoilError):
 
 class Unavailable(CoilError):
     """The store (etcd) cannot be reached or did not answer in time."""
+
+
+class Internal(CoilError):
+    """Something failed that the caller cannot fix by changing the request (a refused route, an
+    answer the service did not expect); the message says what."""

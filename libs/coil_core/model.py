@@ -1,4 +1,4 @@
-"""The allocator's values: pools, held blocks, owners, allocation records, requests and results.
+"""coil's values: pools, held blocks, owners, allocation records, requests and results.
 
 Immutable dataclasses, free of etcd and gRPC. Requests are validated when built (`from_strings`
 constructors), so the allocator only ever sees well-formed values.
@@ -8,41 +8,11 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from dataclasses import dataclass
 
-from coil_allocator.blocks import (
-    Address,
-    Network,
-    block_key,
-    parse_block_key,
-    reserved_addresses,
-)
-from coil_allocator.errors import InvalidArgument
-
-_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
-_INTERFACE = re.compile(r"[^/\s:]{1,15}")
-_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?")
-
-
-def validate_node_name(node: str, op: str) -> str:
-    """Return `node` if it is a valid node name (DNS-1123 subdomain); else InvalidArgument."""
-    if not _NODE_NAME.fullmatch(node or ""):
-        raise InvalidArgument(
-            f'{op} node "{node}": not a valid node name (lowercase a-z, 0-9, "-" and ".", '
-            "starting and ending with a letter or digit, at most 253 characters)"
-        )
-    return node
-
-
-def parse_address(text: str, op: str) -> Address:
-    """Parse a bare IP address ("10.0.0.5", "fd00::5"); InvalidArgument if it is not one."""
-    if "%" in text:
-        raise InvalidArgument(f'{op} "{text}": a scoped (link-local) address cannot be allocated')
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise InvalidArgument(f'{op} "{text}": not an IP address') from None
+from coil_core.blocks import block_key, parse_block_key, reserved_addresses
+from coil_core.errors import InvalidArgument
+from coil_core.rules import Address, Network, parse_address, validate_attachment
 
 
 class Family(enum.IntEnum):
@@ -119,17 +89,9 @@ class Owner:
     interface: str
 
     def validate(self, op: str) -> Owner:
-        """Return self if the attachment fields are well formed; else InvalidArgument."""
-        if not _CONTAINER_ID.fullmatch(self.container_id):
-            raise InvalidArgument(
-                f'{op} container ID "{self.container_id}": must be 1-255 characters of '
-                "letters, digits, '_', '.' and '-', starting with a letter or digit"
-            )
-        if not _INTERFACE.fullmatch(self.interface):
-            raise InvalidArgument(
-                f'{op} interface "{self.interface}": must be 1-15 characters without "/", ":" '
-                "or spaces"
-            )
+        """Return self if the attachment fields are well formed; else InvalidArgument (see
+        `coil_core.rules.validate_attachment`)."""
+        validate_attachment(self.container_id, self.interface, op)
         return self
 
 

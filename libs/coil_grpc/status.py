@@ -1,0 +1,100 @@
+"""Domain errors to gRPC statuses, once for both servers (the allocator and coild).
+
+`STATUS_OF` maps each class of `coil_core.errors` to its one status code; the node agent's errors
+subclass those classes, so the same table serves it. `ErrorsToStatus` is the server interceptor
+that applies it to every unary call of one service: a `CoilError` aborts the call with its status
+and message; any other exception is logged with its traceback and aborts with INTERNAL and a
+message that points at the service's log. Every call's method, status name and duration go to an
+observer (the services' metrics) on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from coil_core import errors
+
+STATUS_OF: dict[type[errors.CoilError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PoolExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+Observer = Callable[[str, str, float], None]
+"""Called once per call with the method name (``"ClaimBlock"``), the status name and seconds."""
+
+
+def status_of(error: errors.CoilError) -> grpc.StatusCode:
+    """The status of ``error``: that of its nearest class in `STATUS_OF`, else INTERNAL."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorsToStatus(grpc.ServerInterceptor):
+    """Map the domain errors of one service's unary calls to statuses, and observe each call.
+
+    ``service`` is the full protobuf service name (``"coil.v1.AllocatorService"``); calls to other
+    services of the same server (the health service) pass through untouched. ``unexpected`` is
+    the message after ``"<method>: "`` of an unexpected exception's INTERNAL status.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        log: logging.Logger,
+        unexpected: str,
+        observe: Observer | None = None,
+    ) -> None:
+        self._prefix = f"/{service}/"
+        self._log = log
+        self._unexpected = unexpected
+        self._observe = observe
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or handler.unary_unary is None or not full.startswith(self._prefix):
+            return handler
+        method = full[len(self._prefix) :]
+        inner = handler.unary_unary
+        log, unexpected, observe = self._log, self._unexpected, self._observe
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return inner(request, context)
+            except errors.CoilError as e:
+                code = status_of(e)
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                    log.warning("%s failed: %s", method, e)
+                context.abort(code, str(e))
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed unexpectedly", method)
+                context.abort(code, f"{method}: {unexpected}")
+            finally:
+                if observe is not None:
+                    observe(method, code.name, time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
