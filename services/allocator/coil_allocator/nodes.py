@@ -1,0 +1,216 @@
+"""Nodes: what a node holds, its liveness, and giving back all of a node that is gone.
+
+Owns in etcd: ``nodes/<node>/alive`` (on a lease of `NODE_TTL` seconds, refreshed by the agent's
+reports) and ``nodes/<node>/status`` (last seen, table and routes). Reads the node's block index
+and records; `release_node` deletes them through the same keys `Claims` and `Records` own.
+
+Transactions:
+- report: puts ``alive`` on a (new) lease, and ``status`` when it changed or is older than
+  `STATUS_REFRESH` (neither guarded: only the node's own agent writes them);
+- release-node: per block, deletes its records with their attachments in chunks while the block
+  is the node's, then the block and its index entry while no record is left (records that
+  appear meanwhile are removed too, up to `MAX_ATTEMPTS` times, then `Conflict`); finally the
+  node's ``alive`` and ``status``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+
+from coil_allocator.claims import Claims
+from coil_allocator.common import MAX_ATTEMPTS, Context, Part, first
+from coil_allocator.keys import (
+    decode_record,
+)
+from coil_allocator.records import RELEASES_PER_TXN
+from coil_allocator.store import (
+    Delete,
+    Get,
+    Op,
+    Put,
+    none_with_prefix,
+    unchanged,
+    value_is,
+)
+from coil_core.blocks import (
+    Network,
+    parse_block_key,
+)
+from coil_core.errors import (
+    Conflict,
+    FailedPrecondition,
+    NotFound,
+)
+from coil_core.model import (
+    AllocationRecord,
+    HeldBlock,
+)
+from coil_core.rules import parse_address, validate_node_name
+
+NODE_TTL = 90
+"""Seconds a node agent counts as alive after its last report (it reports every 30 s)."""
+
+STATUS_REFRESH = 300
+"""A node's status key is rewritten at least this often while it reports (last-seen time)."""
+
+
+class Nodes(Part):
+    """A node's blocks, heartbeat and release. Thread-safe."""
+
+    def __init__(self, context: Context, claims: Claims, node_ttl: int = NODE_TTL) -> None:
+        super().__init__(context)
+        self._claims = claims
+        self._node_ttl = node_ttl
+
+    def node_blocks(
+        self, node: str, with_records: bool = False
+    ) -> tuple[list[HeldBlock], list[AllocationRecord], int]:
+        """The blocks a node holds (and their records), read at one revision."""
+        op = "node blocks"
+        validate_node_name(node, op)
+        prefix = self.keys.node_blocks(node)
+        index, rev = self.store.range(prefix)
+        pools, _ = self._pools(rev)
+        blocks: list[HeldBlock] = []
+        records: list[AllocationRecord] = []
+        for kv in index:
+            pool, block_id = self.keys.strip(kv.key, prefix).split("/", 1)
+            cidr = parse_block_key(block_id, "stored block")
+            recs, _ = self.store.range(
+                self.keys.records(pool, cidr), keys_only=not with_records, revision=rev
+            )
+            claimed_at = int(json.loads(kv.value).get("claimed_at", 0))
+            reserved = pools[pool].reserved_in(cidr) if pool in pools else 0
+            blocks.append(
+                HeldBlock(pool, cidr, node, kv.create_revision, claimed_at, len(recs), reserved)
+            )
+            if with_records:
+                for r in recs:
+                    address = parse_address(r.key.rsplit("/", 1)[1], "stored record")
+                    records.append(decode_record(pool, cidr, address, r.value))
+        blocks.sort(key=lambda b: (b.pool, b.cidr.version, int(b.cidr.network_address)))
+        records.sort(key=lambda r: (r.created_at, int(r.address)))
+        return blocks, records, rev
+
+    def release_node(self, node: str, force: bool = False) -> tuple[list[HeldBlock], int]:
+        """Give back every block and record of a node that is gone.
+
+        Returns the blocks released and the number of records removed. Raises InvalidArgument,
+        NotFound (the node holds nothing), FailedPrecondition (its agent is alive and `force`
+        is not set), Conflict.
+        """
+        op = "node release"
+        validate_node_name(node, op)
+        alive = self.store.get(self.keys.node_alive(node))
+        if alive is not None and not force:
+            raise FailedPrecondition(
+                f'{op} "{node}": the node\'s agent is alive (it holds a lease and reports); '
+                "releasing would hand its pods' addresses to others. Stop coild on the node "
+                "and wait for its lease to expire, or force it"
+            )
+        blocks, records, _ = self.node_blocks(node, with_records=True)
+        if not blocks:
+            raise NotFound(f'{op} "{node}": the node holds no block')
+        removed = 0
+        by_block: dict[tuple[str, Network], list[AllocationRecord]] = defaultdict(list)
+        for r in records:
+            by_block[(r.pool, r.block)].append(r)
+        for block in blocks:
+            block_key_ = self.keys.block(block.pool, block.cidr)
+            mine = value_is(block_key_, node.encode())
+            recs = by_block[(block.pool, block.cidr)]
+            for i in range(0, len(recs), RELEASES_PER_TXN):
+                chunk = recs[i : i + RELEASES_PER_TXN]
+                ops: list[Op] = []
+                for r in chunk:
+                    ops.append(Delete(self.keys.record(r.pool, r.block, r.address)))
+                    ops.append(
+                        Delete(
+                            self.keys.attachment(
+                                r.owner.container_id, r.owner.interface, r.address.version
+                            )
+                        )
+                    )
+                if self.store.txn([mine], ops).succeeded:
+                    removed += len(chunk)
+            for attempt in range(MAX_ATTEMPTS):
+                records_prefix = self.keys.records(block.pool, block.cidr)
+                result = self.store.txn(
+                    [mine, none_with_prefix(records_prefix)],
+                    [
+                        Delete(block_key_),
+                        Delete(self.keys.node_block(node, block.pool, block.cidr)),
+                    ],
+                    [Get(block_key_), Get(records_prefix, prefix=True)],
+                )
+                if result.succeeded:
+                    self._claims.forget_held(block.pool, block.cidr)
+                    break
+                holder = first(result.responses[0])
+                if holder is None or holder.value.decode() != node:
+                    # Someone else released it meanwhile; drop our stale index entry.
+                    self.store.txn([], [Delete(self.keys.node_block(node, block.pool, block.cidr))])
+                    break
+                # Records appeared (the node is still alive?): remove them too and retry.
+                late = result.responses[1]
+                for kv in late if isinstance(late, list) else []:
+                    address = parse_address(kv.key.rsplit("/", 1)[1], "stored record")
+                    r = decode_record(block.pool, block.cidr, address, kv.value)
+                    attachment = self.keys.attachment(
+                        r.owner.container_id, r.owner.interface, address.version
+                    )
+                    if self.store.txn(
+                        [unchanged(kv.key, kv.mod_revision)],
+                        [Delete(kv.key), Delete(attachment)],
+                    ).succeeded:
+                        removed += 1
+                self._backoff(attempt, "node release")
+            else:
+                raise Conflict(f'{op} "{node}": block "{block.cidr}" kept changing; try again')
+        self.store.txn(
+            [], [Delete(self.keys.node_alive(node)), Delete(self.keys.node_status(node))]
+        )
+        return blocks, removed
+
+    def report_node(
+        self, node: str, lease_id: int, routes: Sequence[str], table: int
+    ) -> tuple[int, int]:
+        """A node agent's heartbeat: keep (or create) its lease and note its routes.
+
+        Returns the lease to send next time and its TTL. The `alive` key lives on the lease, so
+        it disappears NODE_TTL seconds after the agent stops reporting; the `status` key stays,
+        telling when the agent was last seen (rewritten when its routes change, or every
+        STATUS_REFRESH seconds). Raises InvalidArgument, Unavailable.
+        """
+        op = "node report"
+        validate_node_name(node, op)
+        now = self._now()
+        alive = lease_id > 0 and self.store.keep_alive(lease_id) > 0
+        if alive:
+            alive = self.store.get(self.keys.node_alive(node)) is not None
+        if not alive:
+            lease_id = self.store.grant_lease(self._node_ttl)
+            self.store.txn(
+                [],
+                [
+                    Put(
+                        self.keys.node_alive(node),
+                        json.dumps({"since": now}).encode(),
+                        lease=lease_id,
+                    )
+                ],
+            )
+        wanted = sorted(routes)
+        current = self.store.get(self.keys.node_status(node))
+        old = json.loads(current.value) if current else {}
+        if (
+            not alive
+            or old.get("routes") != wanted
+            or old.get("table") != table
+            or now - int(old.get("seen_at", 0)) >= STATUS_REFRESH
+        ):
+            status = {"seen_at": now, "table": table, "routes": wanted}
+            self.store.txn([], [Put(self.keys.node_status(node), json.dumps(status).encode())])
+        return lease_id, self._node_ttl
