@@ -67,6 +67,9 @@ class RecordingRoutes:
     def sync(self, desired: set[Network]) -> None:
         self.desired.append(set(desired))
 
+    def current(self) -> set[Network]:
+        return self.desired[-1] if self.desired else set()
+
 
 def _started_clock() -> Callable[[], float]:
     # Counted from zero so that the agent's background maintenance never comes due in a test.

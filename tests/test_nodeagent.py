@@ -62,6 +62,9 @@ class RecordingRoutes:
         with self._lock:
             return set(self._desired)
 
+    def current(self) -> set[Network]:
+        return self.desired
+
 
 class ManualClock:
     """A monotonic clock the test moves forward by hand."""

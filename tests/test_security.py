@@ -510,7 +510,7 @@ def test_coild_client_with_certificate_claims_a_block(tls_allocator: TlsAllocato
         assert [b.cidr for b in held.blocks] == [block.cidr]
     finally:
         client.close()
-    block_key = f"{tls_allocator.prefix}blocks/default/{block.cidr.replace('/', '_')}"
+    block_key = f"{tls_allocator.prefix}blocks/default/{str(block.cidr).replace('/', '_')}"
     assert tls_allocator.snapshot()[block_key] == b"node-tls"
 
 

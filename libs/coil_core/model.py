@@ -36,6 +36,10 @@ class Pool:
     def families(self) -> tuple[Family, ...]:
         return tuple(f for f in (Family.IPV4, Family.IPV6) if self.subnets_of(f))
 
+    def reserved(self) -> tuple[Address, ...]:
+        """Addresses of the pool never handed to pods (see `blocks.reserved_addresses`)."""
+        return tuple(a for s in self.subnets for a in reserved_addresses(s))
+
     def reserved_in(self, block: Network) -> int:
         """How many of the pool's reserved addresses lie in `block`."""
         subnet = self.subnet_of(block)
@@ -105,6 +109,14 @@ class AllocationRecord:
     node: str
     owner: Owner
     created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBlocks:
+    """The blocks a node holds and their records, oldest first, as read at one revision."""
+
+    blocks: tuple[HeldBlock, ...]
+    records: tuple[AllocationRecord, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,41 +18,25 @@ from coil.v1 import allocator_pb2_grpc as pb_grpc
 from coil_allocator.allocator import Allocator
 from coil_core import errors
 from coil_core.model import (
-    AllocationRecord,
-    Family,
-    HeldBlock,
     Owner,
-    Pool,
-    RecordOutcome,
     RecordRequest,
-    RecordResult,
-    ReleaseOutcome,
     ReleaseRequest,
-    ReleaseResult,
     parse_address,
+)
+from coil_grpc.convert import (
+    FAMILY_FROM_PB,
+    FAMILY_TO_PB,
+    block_pb,
+    pool_pb,
+    record_pb,
+    record_result_pb,
+    release_result_pb,
 )
 from coil_grpc.status import ErrorsToStatus, Observer
 
 log = logging.getLogger("coil.allocator")
 
-_FAMILY_TO_PB = {Family.IPV4: pb.FAMILY_IPV4, Family.IPV6: pb.FAMILY_IPV6}
-_FAMILY_FROM_PB = {pb.FAMILY_IPV4: Family.IPV4, pb.FAMILY_IPV6: Family.IPV6}
-_RECORD_OUTCOME = {
-    RecordOutcome.RECORDED: pb.RECORD_OUTCOME_RECORDED,
-    RecordOutcome.EXISTING: pb.RECORD_OUTCOME_EXISTING,
-    RecordOutcome.ADDRESS_IN_USE: pb.RECORD_OUTCOME_ADDRESS_IN_USE,
-    RecordOutcome.BLOCK_NOT_HELD: pb.RECORD_OUTCOME_BLOCK_NOT_HELD,
-    RecordOutcome.INVALID: pb.RECORD_OUTCOME_INVALID,
-}
-_RELEASE_OUTCOME = {
-    ReleaseOutcome.RELEASED: pb.RELEASE_OUTCOME_RELEASED,
-    ReleaseOutcome.NOT_RECORDED: pb.RELEASE_OUTCOME_NOT_RECORDED,
-    ReleaseOutcome.OWNER_MISMATCH: pb.RELEASE_OUTCOME_OWNER_MISMATCH,
-    ReleaseOutcome.INVALID: pb.RELEASE_OUTCOME_INVALID,
-}
-
 RpcObserver = Observer
-
 
 UINT64_MAX = 2**64 - 1
 
@@ -60,51 +44,6 @@ UINT64_MAX = 2**64 - 1
 def saturate(n: int) -> int:
     """Counts of IPv6 addresses and blocks can exceed uint64: report them as 2^64 - 1."""
     return min(n, UINT64_MAX)
-
-
-def pool_pb(pool: Pool) -> pb.Pool:
-    return pb.Pool(
-        name=pool.name, subnets=[str(s) for s in pool.subnets], block_size_bits=pool.block_bits
-    )
-
-
-def block_pb(block: HeldBlock) -> pb.Block:
-    return pb.Block(
-        pool=block.pool,
-        cidr=str(block.cidr),
-        node=block.node,
-        used=block.used,
-        capacity=block.capacity,
-        claim_revision=block.claim_revision,
-        claimed_at=block.claimed_at,
-    )
-
-
-def record_pb(record: AllocationRecord) -> pb.AllocationRecord:
-    return pb.AllocationRecord(
-        address=str(record.address),
-        pool=record.pool,
-        block=str(record.block),
-        node=record.node,
-        owner=pb.Owner(
-            namespace=record.owner.namespace,
-            pod=record.owner.pod,
-            container_id=record.owner.container_id,
-            interface=record.owner.interface,
-        ),
-        created_at=record.created_at,
-    )
-
-
-def _record_result_pb(result: RecordResult) -> pb.RecordResult:
-    out = pb.RecordResult(outcome=_RECORD_OUTCOME[result.outcome], message=result.message)
-    if result.record is not None:
-        out.record.CopyFrom(record_pb(result.record))
-    return out
-
-
-def _release_result_pb(result: ReleaseResult) -> pb.ReleaseResult:
-    return pb.ReleaseResult(outcome=_RELEASE_OUTCOME[result.outcome], message=result.message)
 
 
 class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
@@ -149,7 +88,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
         if request.block:
             held = self.allocator.claim_specific_block(request.node, request.pool, request.block)
             return pb.ClaimBlockResponse(block=block_pb(held))
-        family = _FAMILY_FROM_PB.get(request.family)
+        family = FAMILY_FROM_PB.get(request.family)
         if family is None and request.family != pb.FAMILY_UNSPECIFIED:
             raise errors.InvalidArgument(f"block claim: unknown family {request.family}")
         block, retries = self.allocator.claim_block(request.node, request.pool, family)
@@ -192,7 +131,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             except errors.InvalidArgument as e:
                 results[i] = pb.RecordResult(outcome=pb.RECORD_OUTCOME_INVALID, message=str(e))
         for i, result in zip(where, self.allocator.record(request.node, valid), strict=True):
-            results[i] = _record_result_pb(result)
+            results[i] = record_result_pb(result)
         return pb.RecordAllocationsResponse(results=[r for r in results if r is not None])
 
     def ReleaseAllocations(
@@ -210,7 +149,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             valid.append(ReleaseRequest(address, item.container_id, item.interface))
             where.append(i)
         for i, result in zip(where, self.allocator.release(request.node, valid), strict=True):
-            results[i] = _release_result_pb(result)
+            results[i] = release_result_pb(result)
         return pb.ReleaseAllocationsResponse(results=[r for r in results if r is not None])
 
     def GetAddress(self, request: pb.GetAddressRequest, context: Any) -> pb.GetAddressResponse:
@@ -230,7 +169,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             usage=[
                 pb.PoolUsage(
                     pool=u.pool,
-                    family=_FAMILY_TO_PB[u.family],
+                    family=FAMILY_TO_PB[u.family],
                     blocks_held=u.blocks_held,
                     blocks_total=saturate(u.blocks_total),
                     addresses_used=u.addresses_used,

@@ -21,8 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from coil.v1 import allocator_pb2 as apb
-from coil_core.blocks import Address, Network, gateway_of, reserved_addresses
+from coil_core.blocks import Address, Network, gateway_of
+from coil_core.model import (
+    AllocationRecord,
+    HeldBlock,
+    Owner,
+    Pool,
+    RecordOutcome,
+    RecordRequest,
+    RecordResult,
+    ReleaseOutcome,
+    ReleaseRequest,
+    ReleaseResult,
+)
 from coild.allocator_client import AllocatorClient
 from coild.batcher import GroupCommitter
 from coild.errors import (
@@ -63,26 +74,6 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
-class PoolInfo:
-    name: str
-    subnets: tuple[Network, ...]
-    block_bits: int
-
-    def families(self) -> list[int]:
-        return sorted({s.version for s in self.subnets})
-
-    def subnet_of(self, address: Address) -> Network | None:
-        for s in self.subnets:
-            if s.version == address.version and address in s:
-                return s
-        return None
-
-    def reserved(self) -> list[Address]:
-        """Addresses never handed to pods (see `reserved_addresses`)."""
-        return [a for s in self.subnets for a in reserved_addresses(s)]
-
-
-@dataclass(frozen=True)
 class PodAddress:
     address: Address
     prefixlen: int
@@ -104,7 +95,31 @@ class AllocateRequest:
 
 
 class RouteSink(Protocol):
-    def sync(self, desired: set[Network]) -> object: ...
+    """Where the node's block routes go (`coild.routes.RouteExporter` in coild)."""
+
+    def sync(self, desired: set[Network]) -> object:
+        """Make the routes exactly `desired`; raises NodeAgentError (RouteError) on failure."""
+        ...
+
+    def current(self) -> set[Network]:
+        """The routes there now (what `report` tells the allocator); raises NodeAgentError."""
+        ...
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What one record result means for an allocation: done (`allocation`), failed (`error`), or
+    neither, when the choice proved stale and the address must be chosen again (`retry`)."""
+
+    allocation: Allocation | None = None
+    error: NodeAgentError | None = None
+
+    @property
+    def retry(self) -> bool:
+        return self.allocation is None and self.error is None
+
+
+CHOOSE_AGAIN = Settlement()
 
 
 class AgentEvents(Protocol):
@@ -152,7 +167,7 @@ class NodeAgent:
         self._clock = clock
         self._lock = threading.Lock()
         self.state = NodeState()
-        self._pools: dict[str, PoolInfo] = {}
+        self._pools: dict[str, Pool] = {}
         self._pools_at = -1e9
         self._namespaces_checked: dict[str, float] = {}
         self._claim_locks: dict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
@@ -253,9 +268,8 @@ class NodeAgent:
 
     def report(self) -> None:
         """Heartbeat to the allocator: keep this node's lease and report its kernel routes."""
-        current = getattr(self.routes, "current", None)
         with self._lock:
-            routes = current() if current else self.state.routes()
+            routes = self.routes.current()
         self._lease_id, _ = self.allocator.report_node(
             self.config.node, self._lease_id, sorted(str(r) for r in routes), self.config.table
         )
@@ -273,42 +287,25 @@ class NodeAgent:
         with self._lock:
             blocks_before = list(self.state.blocks)
             attachments_before = list(self.state.committed())
-        answer = self.allocator.node_blocks(self.config.node)
-        listed_blocks = {(b.pool, b.cidr) for b in answer.blocks}
-        listed_records = {
-            (r.owner.container_id, r.owner.interface, r.address) for r in answer.records
-        }
+        listed = self.allocator.node_blocks(self.config.node)
+        blocks, records = listed.blocks, listed.records
+        listed_blocks = {(b.pool, b.cidr) for b in blocks}
+        listed_records = {(r.owner.container_id, r.owner.interface, r.address) for r in records}
+        by_block = _records_by_block(records)
         now = self._clock()
         changed = False
         with self._lock:
-            known = {(b.pool, str(b.cidr)) for b in self.state.blocks}
-            for listed in answer.blocks:
-                if (listed.pool, listed.cidr) in known:
+            known = {(b.pool, b.cidr) for b in self.state.blocks}
+            for held in blocks:
+                if (held.pool, held.cidr) in known:
                     continue
                 # Held in etcd but unknown here (a claim whose answer was lost, or an index
                 # entry re-created by `coilctl check --repair`): take it in with its records.
-                pool = self._pools.get(listed.pool)
-                used = [
-                    ipaddress.ip_address(r.address)
-                    for r in answer.records
-                    if r.pool == listed.pool and r.block == listed.cidr
-                ]
-                log.warning("taking in block %s of pool %s held in etcd", listed.cidr, listed.pool)
-                self.state.add_block(
-                    listed.pool,
-                    ipaddress.ip_network(listed.cidr),
-                    listed.claim_revision,
-                    reserved=set(pool.reserved() if pool else ()) - set(used),
-                    used=used,
-                    last=used[-1] if used else None,
-                    now=now,
-                )
+                log.warning("taking in block %s of pool %s held in etcd", held.cidr, held.pool)
+                self._load_block(self.state, held, by_block[(held.pool, held.cidr)], now)
                 changed = True
             for block in blocks_before:
-                if (
-                    block.pool,
-                    str(block.cidr),
-                ) not in listed_blocks and block in self.state.blocks:
+                if (block.pool, block.cidr) not in listed_blocks and block in self.state.blocks:
                     log.warning(
                         "block %s of pool %s was released elsewhere", block.cidr, block.pool
                     )
@@ -320,8 +317,7 @@ class NodeAgent:
                 kept = [
                     a
                     for a in attachment.allocations
-                    if (attachment.container_id, attachment.interface, str(a.address))
-                    in listed_records
+                    if (attachment.container_id, attachment.interface, a.address) in listed_records
                 ]
                 for gone in set(attachment.allocations) - set(kept):
                     log.warning(
@@ -340,28 +336,14 @@ class NodeAgent:
     def rebuild(self) -> None:
         """Load this node's blocks and records from the allocator into memory; sync routes."""
         self._refresh_pools()
-        answer = self.allocator.node_blocks(self.config.node)
+        listed = self.allocator.node_blocks(self.config.node)
+        blocks, records = listed.blocks, listed.records
         state = NodeState()
         now = self._clock()
-        by_block: dict[tuple[str, str], list[apb.AllocationRecord]] = defaultdict(list)
-        for r in answer.records:
-            by_block[(r.pool, r.block)].append(r)
-        for b in answer.blocks:
-            records = by_block[(b.pool, b.cidr)]
-            pool = self._pools.get(b.pool)
-            used = [ipaddress.ip_address(r.address) for r in records]
-            state.add_block(
-                b.pool,
-                ipaddress.ip_network(b.cidr),
-                b.claim_revision,
-                # A recorded address stays used even if it is one a pod should not have got.
-                reserved=set(pool.reserved() if pool else ()) - set(used),
-                used=used,
-                # Records come oldest first: continue the round robin after the newest.
-                last=used[-1] if used else None,
-                now=now,
-            )
-        for r in answer.records:
+        by_block = _records_by_block(records)
+        for b in blocks:
+            self._load_block(state, b, by_block[(b.pool, b.cidr)], now)
+        for r in records:
             key = (r.owner.container_id, r.owner.interface)
             attachment = state.attachments.get(key)
             if attachment is None:
@@ -370,9 +352,7 @@ class NodeAgent:
                 )
                 attachment.done.set()
                 state.attachments[key] = attachment
-            attachment.allocations.append(
-                Allocation(ipaddress.ip_address(r.address), r.pool, ipaddress.ip_network(r.block))
-            )
+            attachment.allocations.append(Allocation(r.address, r.pool, r.block))
         with self._lock:
             self.state = state
         self.allocator_ok = True
@@ -380,6 +360,26 @@ class NodeAgent:
             "rebuilt state: %d blocks, %d attachments", len(state.blocks), len(state.attachments)
         )
         self.sync_routes()
+
+    def _load_block(
+        self, state: NodeState, held: HeldBlock, records: Sequence[AllocationRecord], now: float
+    ) -> NodeBlock:
+        """Hold a block listed by the allocator in `state`, with its recorded addresses used.
+
+        `records` are the block's records, oldest first: the round robin continues after the
+        newest. A recorded address stays used even if it is one a pod should not have got.
+        """
+        pool = self._pools.get(held.pool)
+        used = [r.address for r in records]
+        return state.add_block(
+            held.pool,
+            held.cidr,
+            held.claim_revision,
+            reserved=set(pool.reserved() if pool else ()) - set(used),
+            used=used,
+            last=used[-1] if used else None,
+            now=now,
+        )
 
     def sync_routes(self) -> None:
         """Make the kernel table hold exactly this node's blocks."""
@@ -404,15 +404,10 @@ class NodeAgent:
             self.allocator_ok = False
             raise
         self.allocator_ok = True
-        self._pools = {
-            p.name: PoolInfo(
-                p.name, tuple(ipaddress.ip_network(s) for s in p.subnets), p.block_size_bits
-            )
-            for p in pools
-        }
+        self._pools = {p.name: p for p in pools}
         self._pools_at = now
 
-    def pool_for(self, namespace: str) -> PoolInfo:
+    def pool_for(self, namespace: str) -> Pool:
         """The pool named like the namespace if it exists, else "default"; else NoPool.
 
         A namespace without a pool of its own in the cached list is looked up again at most
@@ -474,7 +469,7 @@ class NodeAgent:
                     )
                 targets.append((address.version, address))
         else:
-            targets = [(f, None) for f in pool.families()]
+            targets = [(int(f), None) for f in pool.families()]
         attachment = Attachment(
             request.container_id, request.interface, request.namespace, request.pod
         )
@@ -533,7 +528,7 @@ class NodeAgent:
         return out
 
     def _allocate_targets(
-        self, pool: PoolInfo, targets: list[tuple[int, Address | None]], attachment: Attachment
+        self, pool: Pool, targets: list[tuple[int, Address | None]], attachment: Attachment
     ) -> list[Allocation]:
         """Choose, record, and on stale choices choose again; all families or none."""
         done: dict[int, Allocation] = {}
@@ -566,11 +561,11 @@ class NodeAgent:
                         self._unreserve(pool.name, address)
                         first_error = first_error or e
                         continue
-                    outcome = self._settle(pool, block, address, want, result)
-                    if isinstance(outcome, Allocation):
-                        done[family] = outcome
-                    elif isinstance(outcome, NodeAgentError):
-                        first_error = first_error or outcome
+                    settled = self._settle(pool, block, address, want, result)
+                    if settled.allocation is not None:
+                        done[family] = settled.allocation
+                    elif settled.error is not None:
+                        first_error = first_error or settled.error
                     else:
                         retry.append((family, want))
                 if first_error is not None:
@@ -590,62 +585,59 @@ class NodeAgent:
 
     def _record_item(
         self, pool: str, block: NodeBlock, address: Address, attachment: Attachment
-    ) -> apb.RecordItem:
-        return apb.RecordItem(
-            address=str(address),
-            pool=pool,
-            block=str(block.cidr),
-            owner=apb.Owner(
-                namespace=attachment.namespace,
-                pod=attachment.pod,
-                container_id=attachment.container_id,
-                interface=attachment.interface,
+    ) -> RecordRequest:
+        return RecordRequest(
+            address,
+            pool,
+            block.cidr,
+            Owner(
+                attachment.namespace, attachment.pod, attachment.container_id, attachment.interface
             ),
         )
 
     def _settle(
         self,
-        pool: PoolInfo,
+        pool: Pool,
         block: NodeBlock,
         address: Address,
         want: Address | None,
-        result: apb.RecordResult,
-    ) -> Allocation | str | NodeAgentError:
-        """Turn one record result into an allocation, "retry", or an error."""
+        result: RecordResult,
+    ) -> Settlement:
+        """Turn one record result into an allocation, an error, or a new choice."""
         outcome = result.outcome
-        if outcome == apb.RECORD_OUTCOME_RECORDED:
-            return Allocation(address, pool.name, block.cidr)
-        if outcome == apb.RECORD_OUTCOME_EXISTING:
+        if outcome is RecordOutcome.RECORDED:
+            return Settlement(Allocation(address, pool.name, block.cidr))
+        if outcome is RecordOutcome.EXISTING and result.record is not None:
             # The attachment already held an address (a request whose answer was lost): keep it.
             self._unreserve(pool.name, address)
-            existing = ipaddress.ip_address(result.record.address)
+            existing = result.record
             with self._lock:
-                held = self.state.block_of(result.record.pool, existing)
-                if held is not None and existing not in held.addresses:
-                    held.addresses.take(existing)
-            return Allocation(
-                existing, result.record.pool, ipaddress.ip_network(result.record.block)
-            )
-        if outcome == apb.RECORD_OUTCOME_ADDRESS_IN_USE:
+                held = self.state.block_of(existing.pool, existing.address)
+                if held is not None and existing.address not in held.addresses:
+                    held.addresses.take(existing.address)
+            return Settlement(Allocation(existing.address, existing.pool, existing.block))
+        if outcome is RecordOutcome.ADDRESS_IN_USE:
             # Someone holds it that we did not know of: leave it marked used and choose again.
             if want is not None:
-                return AddressTaken(f'requested address "{address}" is in use: {result.message}')
+                return Settlement(
+                    error=AddressTaken(f'requested address "{address}" is in use: {result.message}')
+                )
             log.warning("address %s was recorded elsewhere: %s", address, result.message)
-            return "retry"
-        if outcome == apb.RECORD_OUTCOME_BLOCK_NOT_HELD:
+            return CHOOSE_AGAIN
+        if outcome is RecordOutcome.BLOCK_NOT_HELD:
             log.warning("block %s is no longer ours: %s", block.cidr, result.message)
             with self._lock:
                 self.state.drop_block(block.pool, block.cidr)
             self._routes_dirty.set()
-            return "retry"
+            return CHOOSE_AGAIN
         self._unreserve(pool.name, address)
-        if outcome == apb.RECORD_OUTCOME_INVALID:
-            return InvalidRequest(result.message or f'address "{address}" cannot be recorded')
-        return AllocatorRejected(result.message or "record refused")
+        if outcome is RecordOutcome.INVALID:
+            return Settlement(
+                error=InvalidRequest(result.message or f'address "{address}" cannot be recorded')
+            )
+        return Settlement(error=AllocatorRejected(result.message or "record refused"))
 
-    def _reserve(
-        self, pool: PoolInfo, family: int, want: Address | None
-    ) -> tuple[NodeBlock, Address]:
+    def _reserve(self, pool: Pool, family: int, want: Address | None) -> tuple[NodeBlock, Address]:
         """Take an address in memory: the wanted one, or the next free one, claiming a block when
         needed. Raises AddressTaken, InvalidRequest, Exhausted, AllocatorUnavailable."""
         now = self._clock()
@@ -688,7 +680,7 @@ class NodeAgent:
                 raise Exhausted(f'pool "{pool.name}": no free IPv{family} address on this node')
             return chosen
 
-    def _claim(self, pool: PoolInfo, family: int, block: str = "") -> NodeBlock:
+    def _claim(self, pool: Pool, family: int, block: str = "") -> NodeBlock:
         """Claim a block from the allocator, hold it, and export its route before any address
         of it is handed out (so the first pod of a block is reachable when its ADD returns)."""
         try:
@@ -699,7 +691,7 @@ class NodeAgent:
         with self._lock:
             held = self.state.add_block(
                 pool.name,
-                ipaddress.ip_network(claimed.cidr),
+                claimed.cidr,
                 claimed.claim_revision,
                 reserved=pool.reserved(),
                 now=self._clock(),
@@ -732,17 +724,13 @@ class NodeAgent:
     def _release_allocations(self, attachment: Attachment, allocations: list[Allocation]) -> None:
         futures = [
             self._releases.submit(
-                apb.ReleaseItem(
-                    address=str(a.address),
-                    container_id=attachment.container_id,
-                    interface=attachment.interface,
-                )
+                ReleaseRequest(a.address, attachment.container_id, attachment.interface)
             )
             for a in allocations
         ]
         for a, future in zip(allocations, futures, strict=True):
             result = future.result()
-            if result.outcome == apb.RELEASE_OUTCOME_OWNER_MISMATCH:
+            if result.outcome is ReleaseOutcome.OWNER_MISMATCH:
                 # Recorded for someone else: not ours to free in memory either.
                 log.warning("release %s: %s", a.address, result.message)
                 continue
@@ -769,10 +757,10 @@ class NodeAgent:
 
     # -- batching ---------------------------------------------------------------------------
 
-    def _commit_records(self, items: Sequence[apb.RecordItem]) -> list[apb.RecordResult]:
+    def _commit_records(self, items: Sequence[RecordRequest]) -> list[RecordResult]:
         return self.allocator.record(self.config.node, items)
 
-    def _commit_releases(self, items: Sequence[apb.ReleaseItem]) -> list[apb.ReleaseResult]:
+    def _commit_releases(self, items: Sequence[ReleaseRequest]) -> list[ReleaseResult]:
         return self.allocator.release(self.config.node, items)
 
     # -- maintenance ------------------------------------------------------------------------
@@ -846,3 +834,13 @@ class NodeAgent:
         if not self._pools:
             raise NoPool("no pool exists: create one with coilctl pool create")
         return self.pools()
+
+
+def _records_by_block(
+    records: Sequence[AllocationRecord],
+) -> defaultdict[tuple[str, Network], list[AllocationRecord]]:
+    """Records grouped by (pool, block), each group in the order given (oldest first)."""
+    out: defaultdict[tuple[str, Network], list[AllocationRecord]] = defaultdict(list)
+    for r in records:
+        out[(r.pool, r.block)].append(r)
+    return out

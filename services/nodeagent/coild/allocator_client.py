@@ -1,5 +1,6 @@
-"""coild's client of the allocator: each method is one RPC with a deadline, and gRPC statuses
-become coild's domain errors here, once.
+"""coild's client of the allocator: each method is one RPC with a deadline. Requests and answers
+are coil's core values (`coil_core.model`), converted by `coil_grpc.convert`: nothing generated
+leaves this module. gRPC statuses become coild's domain errors here, once (`_ERRORS`).
 
 UNAVAILABLE and DEADLINE_EXCEEDED become `AllocatorUnavailable`; RESOURCE_EXHAUSTED `Exhausted`;
 ALREADY_EXISTS `AddressTaken`; NOT_FOUND `NoPool` for pool look-ups; everything else
@@ -15,6 +16,24 @@ import grpc
 
 from coil.v1 import allocator_pb2 as pb
 from coil.v1 import allocator_pb2_grpc as pb_grpc
+from coil_core.model import (
+    HeldBlock,
+    NodeBlocks,
+    Pool,
+    RecordRequest,
+    RecordResult,
+    ReleaseRequest,
+    ReleaseResult,
+)
+from coil_grpc.convert import (
+    block_from,
+    pool_from,
+    record_from,
+    record_item_pb,
+    record_result_from,
+    release_item_pb,
+    release_result_from,
+)
 from coild.errors import (
     AddressTaken,
     AllocatorRejected,
@@ -83,10 +102,11 @@ class AllocatorClient:
                 ) from None
             raise cls(e.details() or f"{what}: {code.name}") from None
 
-    def list_pools(self) -> list[pb.Pool]:
-        return list(self._call("list pools", self._stub.ListPools, pb.ListPoolsRequest()).pools)
+    def list_pools(self) -> list[Pool]:
+        pools = self._call("list pools", self._stub.ListPools, pb.ListPoolsRequest()).pools
+        return [pool_from(p) for p in pools]
 
-    def claim_block(self, node: str, pool: str, family: int, block: str = "") -> pb.Block:
+    def claim_block(self, node: str, pool: str, family: int, block: str = "") -> HeldBlock:
         """family: 4 or 6. With `block`, claim exactly that block."""
         request = pb.ClaimBlockRequest(
             node=node,
@@ -94,7 +114,7 @@ class AllocatorClient:
             family=pb.FAMILY_IPV4 if family == 4 else pb.FAMILY_IPV6,
             block=block,
         )
-        return self._call("claim block", self._stub.ClaimBlock, request).block
+        return block_from(self._call("claim block", self._stub.ClaimBlock, request).block)
 
     def release_block(self, node: str, pool: str, block: str) -> None:
         self._call(
@@ -103,28 +123,33 @@ class AllocatorClient:
             pb.ReleaseBlockRequest(node=node, pool=pool, block=block),
         )
 
-    def node_blocks(self, node: str) -> pb.ListNodeBlocksResponse:
-        return self._call(
+    def node_blocks(self, node: str) -> NodeBlocks:
+        """The blocks the node holds and their records (oldest first), read at one revision."""
+        answer = self._call(
             "list node blocks",
             self._stub.ListNodeBlocks,
             pb.ListNodeBlocksRequest(node=node, with_records=True),
         )
+        return NodeBlocks(
+            tuple(block_from(b) for b in answer.blocks),
+            tuple(record_from(r) for r in answer.records),
+        )
 
-    def record(self, node: str, items: Sequence[pb.RecordItem]) -> list[pb.RecordResult]:
+    def record(self, node: str, items: Sequence[RecordRequest]) -> list[RecordResult]:
         response = self._call(
             "record allocations",
             self._stub.RecordAllocations,
-            pb.RecordAllocationsRequest(node=node, items=items),
+            pb.RecordAllocationsRequest(node=node, items=[record_item_pb(i) for i in items]),
         )
-        return list(response.results)
+        return [record_result_from(r) for r in response.results]
 
-    def release(self, node: str, items: Sequence[pb.ReleaseItem]) -> list[pb.ReleaseResult]:
+    def release(self, node: str, items: Sequence[ReleaseRequest]) -> list[ReleaseResult]:
         response = self._call(
             "release allocations",
             self._stub.ReleaseAllocations,
-            pb.ReleaseAllocationsRequest(node=node, items=items),
+            pb.ReleaseAllocationsRequest(node=node, items=[release_item_pb(i) for i in items]),
         )
-        return list(response.results)
+        return [release_result_from(r) for r in response.results]
 
     def report_node(
         self, node: str, lease_id: int, routes: list[str], table: int
