@@ -30,7 +30,8 @@ gen-check: $(STAMP)
 lint: $(STAMP) gen-check
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy services clients
+	$(VENV)/bin/mypy services clients libs
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/buf lint
 
 # The API must not break for clients built against an earlier version:

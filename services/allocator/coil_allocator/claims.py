@@ -29,7 +29,9 @@ from coil_allocator.store import (
     Delete,
     Get,
     KeyValue,
+    Op,
     Put,
+    TxnResult,
     absent,
     none_with_prefix,
     unchanged,
@@ -90,15 +92,12 @@ class Claims(Part):
                 raise InvalidArgument(f'{op} "{block}": not a block of pool "{pool_name}"')
             key = self.keys.block(pool_name, block)
             now = self._now()
-            result = self.store.txn(
-                [unchanged(pool_kv.key, pool_kv.mod_revision), absent(key)],
-                [
-                    Put(key, node.encode()),
-                    Put(
-                        self.keys.node_block(node, pool_name, block),
-                        json.dumps({"claimed_at": now}).encode(),
-                    ),
-                ],
+            result = self._claim_txn(
+                node,
+                pool_name,
+                pool_kv,
+                block,
+                now,
                 [Get(key), Get(self.keys.node_block(node, pool_name, block))],
             )
             if result.succeeded:
@@ -174,16 +173,12 @@ class Claims(Part):
                     f"(all {sum(block_count(s, pool.block_bits) for s in subnets)} are held)"
                 )
             now = self._now()
-            block_key_ = self.keys.block(pool_name, block)
-            result = self.store.txn(
-                [unchanged(pool_kv.key, pool_kv.mod_revision), absent(block_key_)],
-                [
-                    Put(block_key_, node.encode()),
-                    Put(
-                        self.keys.node_block(node, pool_name, block),
-                        json.dumps({"claimed_at": now}).encode(),
-                    ),
-                ],
+            result = self._claim_txn(
+                node,
+                pool_name,
+                pool_kv,
+                block,
+                now,
                 # Lost: read what changed in the same round trip, so the next pick is informed.
                 [Get(pool_kv.key), Get(blocks_prefix, prefix=True, keys_only=True)],
             )
@@ -211,6 +206,30 @@ class Claims(Part):
             self._backoff(attempt, "block claim")
         raise Conflict(
             f'{op} "{pool_name}": lost {MAX_CLAIM_ATTEMPTS} races for free blocks; try again'
+        )
+
+    def _claim_txn(
+        self,
+        node: str,
+        pool_name: str,
+        pool_kv: KeyValue,
+        block: Network,
+        now: int,
+        on_failure: list[Op],
+    ) -> TxnResult:
+        """The one claim transaction: if the pool is unchanged and the block is free, put the
+        block (value: the node) and the node's index entry; else run the `on_failure` reads."""
+        key = self.keys.block(pool_name, block)
+        return self.store.txn(
+            [unchanged(pool_kv.key, pool_kv.mod_revision), absent(key)],
+            [
+                Put(key, node.encode()),
+                Put(
+                    self.keys.node_block(node, pool_name, block),
+                    json.dumps({"claimed_at": now}).encode(),
+                ),
+            ],
+            on_failure,
         )
 
     def forget_held(self, pool_name: str, block: Network) -> None:
