@@ -8,9 +8,11 @@ validated them); requests from clients are validated by the servicer with `coil_
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from coil.v1 import allocator_pb2 as pb
+from coil_core.blocks import Network
 from coil_core.model import (
     AllocationRecord,
     Family,
@@ -115,16 +117,21 @@ def release_item_pb(request: ReleaseRequest) -> pb.ReleaseItem:
 # -- messages to core values (coild's view of the allocator's answers) -----------------------
 
 
+@functools.lru_cache(maxsize=4096)  # a node's few blocks come back in every record answer
+def _network(text: str) -> Network:
+    return ipaddress.ip_network(text)
+
+
 def pool_from(message: pb.Pool) -> Pool:
     return Pool(
         message.name,
-        tuple(ipaddress.ip_network(s) for s in message.subnets),
+        tuple(_network(s) for s in message.subnets),
         message.block_size_bits,
     )
 
 
 def block_from(message: pb.Block) -> HeldBlock:
-    cidr = ipaddress.ip_network(message.cidr)
+    cidr = _network(message.cidr)
     return HeldBlock(
         message.pool,
         cidr,
@@ -141,7 +148,7 @@ def record_from(message: pb.AllocationRecord) -> AllocationRecord:
     return AllocationRecord(
         ipaddress.ip_address(message.address),
         message.pool,
-        ipaddress.ip_network(message.block),
+        _network(message.block),
         message.node,
         Owner(owner.namespace, owner.pod, owner.container_id, owner.interface),
         message.created_at,

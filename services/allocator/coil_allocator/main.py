@@ -16,7 +16,7 @@ import threading
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coil_core.errors import CoilError
-from coil_core.flags import Flag, env_parser
+from coil_core.flags import LOG_FORMAT, Flag, env_parser
 
 log = logging.getLogger("coil.allocator")
 
@@ -45,7 +45,6 @@ FLAGS: tuple[Flag, ...] = (
     ("--tls-cert", "COIL_TLS_CERT", "", "serve gRPC over TLS with this certificate file"),
     ("--tls-key", "COIL_TLS_KEY", "", "key file of --tls-cert"),
     ("--tls-client-ca", "COIL_TLS_CLIENT_CA", "", "require client certificates signed by this CA"),
-    ("--log-level", "COIL_LOG_LEVEL", "info", "debug, info, warning or error"),
 )
 
 
@@ -54,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "coil-allocator",
         "coil's allocator: pools, address blocks and allocation records in etcd.",
         FLAGS,
+        "COIL_",
     )
     args = parser.parse_args(argv)
     try:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     import grpc

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from coil_core.flags import Flag, env_parser
+from coil_core.flags import LOG_FORMAT, Flag, check_numbers, env_parser
 
 log = logging.getLogger("coild")
 
@@ -44,32 +44,25 @@ FLAGS: tuple[Flag, ...] = (
         "",
         'name the allocator\'s certificate must carry ("localhost" for unix: addresses)',
     ),
-    ("--log-level", "COILD_LOG_LEVEL", "info", "debug, info, warning or error"),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = env_parser("coild", "coil's node agent.", FLAGS)
+    parser = env_parser("coild", "coil's node agent.", FLAGS, "COILD_")
     args = parser.parse_args(argv)
     if not args.node_name:
         parser.error("--node-name (or COIL_NODE_NAME) is required")
-    for name, kind, low, high in (
-        ("table_id", int, 1, 2**32 - 1),
-        ("protocol_id", int, 5, 255),
-        ("spare_threshold", float, 0.01, 1.0),
-        ("release_grace", float, 0.0, 86400 * 365),
-        ("allocator_timeout", float, 0.1, 600.0),
-    ):
-        raw = getattr(args, name)
-        try:
-            value = kind(raw)
-            if not low <= value <= high:
-                raise ValueError
-        except ValueError:
-            parser.error(
-                f"--{name.replace('_', '-')} {raw!r}: must be a number from {low} to {high}"
-            )
-        setattr(args, name, value)
+    check_numbers(
+        parser,
+        args,
+        (
+            ("table_id", int, 1, 2**32 - 1),
+            ("protocol_id", int, 5, 255),
+            ("spare_threshold", float, 0.01, 1.0),
+            ("release_grace", float, 0.0, 86400 * 365),
+            ("allocator_timeout", float, 0.1, 600.0),
+        ),
+    )
     if args.table_id in (253, 254, 255):
         parser.error(f"--table-id {args.table_id}: that is a kernel table (default, main, local)")
     return args
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     import grpc
