@@ -8,8 +8,8 @@ coild answers with an error status or cannot be reached; nothing here retries: t
 from __future__ import annotations
 
 from coil_cni import rpc, wire
-from coil_cni.config import Address, Attachment, IpamConfig, PodRef
-from coil_cni.errors import OTHER, CNIError, error_from_status
+from coil_cni.config import Address, Attachment, CniArgs, IpamConfig
+from coil_cni.errors import OTHER, CNIError, cut, error_from_status
 
 SERVICE = "/coil.v1.NodeAgentService/"
 
@@ -44,14 +44,16 @@ class NodeAgent:
                 command=self._command,
                 subject=subject,
                 socket=self._ipam.socket,
+                transport=e.transport,
             ) from None
 
-    def allocate(self, attachment: Attachment, pod: PodRef, requested: list[str]) -> list[Address]:
+    def allocate(self, attachment: Attachment, pod: CniArgs, requested: list[str]) -> list[Address]:
         """Addresses coild gives the attachment (the same ones on a repeated ADD)."""
         request = wire.allocate_request(
             attachment.container_id, attachment.ifname, pod.namespace, pod.pod, requested
         )
-        subject = f"{attachment} (pod {pod.namespace}/{pod.pod or '?'})"
+        pod_name = cut(f"{pod.namespace}/{pod.pod or '?'}")
+        subject = f"{attachment} (pod {pod_name})"
         return _addresses(self._call("Allocate", request, subject), subject)
 
     def release(self, attachment: Attachment) -> None:
