@@ -261,8 +261,10 @@ def test_add_requested_ips_from_args(launcher: str, fake: Fake) -> None:
         ("IP=", {}, []),  # empty: not given
         ("IP=10.1.0.7", {"runtimeConfig": {"ips": ["10.1.0.7/16"]}}, ["10.1.0.7"]),
         ("IP=fd00:10::7", {"runtimeConfig": {"ips": ["10.1.0.7"]}}, ["10.1.0.7", "fd00:10::7"]),
+        # Two of a family: coild refuses them (test_cni_e2e.py, with the real coild).
+        ("IP=10.1.0.9", {"runtimeConfig": {"ips": ["10.1.0.8"]}}, ["10.1.0.8", "10.1.0.9"]),
     ],
-    ids=["one", "with-k8s-args", "dual-stack", "empty", "same-as-runtime-config", "merged"],
+    ids=["one", "with-k8s-args", "dual-stack", "empty", "same-as-runtime-config", "merged", "two"],
 )
 def test_add_requested_ips_from_cni_args_ip(
     launcher: str, fake: Fake, cni_args: str, conf: dict[str, Any], requested: list[str]
@@ -406,18 +408,6 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("socket-too-long", {"ipam": {"socket": "/" + "s" * 107}}, 7, "at most 107 bytes"),
     ("cni-args-ip-bad", {"env": {"CNI_ARGS": "IP=10.1.0.300"}}, 7, "CNI_ARGS IP: '10.1.0.300'"),
     ("cni-args-ip-empty-entry", {"env": {"CNI_ARGS": "IP=10.1.0.9,"}}, 7, "CNI_ARGS IP: ''"),
-    (
-        "cni-args-ip-two-v4",
-        {"env": {"CNI_ARGS": "IP=10.1.0.9,10.1.0.10"}},
-        7,
-        "two IPv4 addresses",
-    ),
-    (
-        "cni-args-ip-conflicts-with-runtime-config",
-        {"env": {"CNI_ARGS": "IP=10.1.0.9"}, "set": {"runtimeConfig": {"ips": ["10.1.0.8/16"]}}},
-        7,
-        "runtimeConfig.ips: '10.1.0.8' and CNI_ARGS IP: '10.1.0.9'",
-    ),
 ]
 
 
@@ -465,7 +455,7 @@ def test_errors_quote_huge_inputs_cut_short(
     assert out.rc == 1
     assert out.output["code"] in (1, 4, 7), out.output
     assert "qqqq" in out.output["msg"]  # it still quotes the start of what was wrong
-    assert len(out.stdout) < 1000, out.stdout
+    assert len(out.stdout) < 1500, out.stdout
 
 
 def test_huge_pod_name_and_coild_message_are_cut_short(launcher: str, fake: Fake) -> None:
@@ -474,7 +464,7 @@ def test_huge_pod_name_and_coild_message_are_cut_short(launcher: str, fake: Fake
     out = run(launcher, "ADD", netconf(fake.socket), env)
     assert out.output["code"] == 7
     assert out.output["details"].startswith("bad pod qqqq")
-    assert len(out.stdout) < 2000, out.stdout
+    assert len(out.stdout) < 2500, out.stdout
 
 
 def test_error_reports_the_configuration_version(launcher: str, fake: Fake) -> None:

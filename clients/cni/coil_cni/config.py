@@ -285,9 +285,9 @@ def requested_addresses(conf: Mapping[str, Any], cni_args_ip: str = "") -> list[
     """Static addresses asked for, without prefix length, de-duplicated in order, from three
     places: ``runtimeConfig.ips`` (the "ips" capability), ``args.cni.ips``, and CNI_ARGS ``IP=``
     (``cni_args_ip``: one address or a comma-separated list; podman's ``--ip``). They are merged,
-    as host-local merges them. Code 7 for anything that is not a list of strings, an entry that
-    is not an address (with or without "/prefix"), or two different addresses of one family (a
-    pod has at most one per family), each naming where the entry came from."""
+    as host-local merges them; coild refuses more than one address per family (code 7 through
+    its INVALID_ARGUMENT). Code 7 here for anything that is not a list of strings or an entry that
+    is not an address (with or without "/prefix"), naming where the entry came from."""
     found: list[tuple[str, str]] = []
     runtime_ips = _object(conf, "runtimeConfig", "runtimeConfig").get("ips")
     if runtime_ips is not None:
@@ -303,12 +303,11 @@ def requested_addresses(conf: Mapping[str, Any], cni_args_ip: str = "") -> list[
     import ipaddress
 
     result: list[str] = []
-    source: dict[int, tuple[str, str]] = {}  # family -> (address, where it came from)
     for entry, where in found:
         try:
             if "%" in entry:
                 raise ValueError("scoped addresses are link-local; pods cannot ask for them")
-            address = ipaddress.ip_address(entry.split("/", 1)[0])
+            address = str(ipaddress.ip_address(entry.split("/", 1)[0]))
             if "/" in entry:
                 ipaddress.ip_interface(entry)  # the prefix length must be valid too
         except ValueError:
@@ -316,16 +315,8 @@ def requested_addresses(conf: Mapping[str, Any], cni_args_ip: str = "") -> list[
                 INVALID_CONFIG,
                 f"{where}: {quote(entry)} is not an IP address (with or without /prefix)",
             ) from None
-        text = str(address)
-        earlier = source.setdefault(address.version, (text, where))
-        if earlier[0] != text:
-            raise CNIError(
-                INVALID_CONFIG,
-                f"{earlier[1]}: {earlier[0]!r} and {where}: {text!r} ask for two IPv"
-                f"{address.version} addresses; a pod has at most one address per family",
-            )
-        if text not in result:
-            result.append(text)
+        if address not in result:
+            result.append(address)
     return result
 
 

@@ -24,7 +24,7 @@ NO_POOL = 103
 OTHER = 999
 
 
-QUOTE_LIMIT = 100  # characters of an input quoted in a message
+QUOTE_LIMIT = 320  # characters of an input quoted in a message (a 255-character ID fits)
 DETAILS_LIMIT = 1000  # characters of coild's message carried in details
 
 
