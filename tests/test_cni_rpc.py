@@ -4,6 +4,7 @@ UNIX socket, the ``hpack`` package's encoder, and the ``json`` module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -648,10 +649,8 @@ def _open_and(then: bytes) -> Callable[[_Peer], None]:
             if kind == 0 and stream == 1 and flags & 1:
                 break
         peer.send(then)
-        try:
+        with contextlib.suppress(TimeoutError):
             peer.frame()  # hold the connection until the plugin hangs up
-        except TimeoutError:
-            pass
 
     return script
 
