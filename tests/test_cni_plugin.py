@@ -623,6 +623,18 @@ def test_gc_with_no_valid_attachments_sends_empty_list(launcher: str, fake: Fake
     assert list(request.valid_attachments) == []
 
 
+def test_gc_request_over_coilds_message_limit_is_invalid_config(launcher: str, fake: Fake) -> None:
+    """coild's gRPC server refuses a message over 4 MiB with RESOURCE_EXHAUSTED; the plugin must
+    not send it (that status reads as "pool exhausted") but name the configuration."""
+    valid = [{"containerID": f"{i:064x}", "ifname": "eth0"} for i in range(60_000)]
+    conf = netconf(fake.socket, "1.1.0", **{"cni.dev/valid-attachments": valid})
+    out = run(launcher, "GC", conf)
+    assert out.rc == 1
+    assert out.output["code"] == 7, out.output
+    assert "message limit" in out.output["msg"]
+    assert fake.agent.requests == []
+
+
 def test_status_ok(launcher: str, fake: Fake) -> None:
     out = run(launcher, "STATUS", netconf(fake.socket, "1.1.0"))
     assert (out.rc, out.stdout) == (0, "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from coil_cni import rpc, wire
 from coil_cni.config import Address, Attachment, CniArgs, IpamConfig
-from coil_cni.errors import OTHER, CNIError, cut, error_from_status
+from coil_cni.errors import INVALID_CONFIG, OTHER, CNIError, cut, error_from_status
 
 SERVICE = "/coil.v1.NodeAgentService/"
 
@@ -35,6 +35,14 @@ class NodeAgent:
         self._command = command
 
     def _call(self, method: str, request: bytes, subject: str) -> bytes:
+        if len(request) > rpc.SEND_LIMIT:
+            # coild's gRPC server would refuse it with RESOURCE_EXHAUSTED, which reads as "pool
+            # exhausted"; what made it this large is the configuration (a GC list, static IPs).
+            raise CNIError(
+                INVALID_CONFIG,
+                f"coil {self._command} {subject}: the request to coild is {len(request)} bytes, "
+                f"over the {rpc.SEND_LIMIT}-byte message limit of coild's gRPC server",
+            )
         try:
             return rpc.call(self._ipam.socket, SERVICE + method, request, self._ipam.timeout)
         except rpc.RpcError as e:

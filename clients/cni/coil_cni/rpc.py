@@ -61,6 +61,9 @@ STREAM = 1  # the one stream of the connection
 # How much the plugin lets coild send: grpcio's default limit for a received message (4 MiB).
 RECEIVE_LIMIT = 4 * 1024 * 1024
 RECEIVE_WINDOW = RECEIVE_LIMIT + 5
+# The largest request coild accepts: grpcio's default limit for a received message, which coild
+# keeps. Checked by coil_cni.client before a call.
+SEND_LIMIT = 4 * 1024 * 1024
 # The largest header block (compressed, and as a header list: RFC 9113 6.5.2) the plugin accepts
 # from coild; announced in SETTINGS. coild's headers and trailers are a few hundred bytes.
 MAX_HEADER_LIST = 65_536
