@@ -251,6 +251,48 @@ def test_static_address(node: Node, pods: list[Pod]) -> None:
         ns.delete()
 
 
+def test_static_address_from_cni_args_ip(node: Node, pods: list[Pod]) -> None:
+    """podman's --ip: CNI_ARGS IP= through ptp to coil, honoured like runtimeConfig.ips."""
+    ns = Netns.create(PREFIX)
+    container_id = uuid.uuid4().hex
+    args = cni_args("default", "podman-ip") + ";IP=10.100.0.78"
+    try:
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")
+        result = node.runtime.call("ADD", container_id, ns.path, args=args)
+        assert result.ok, result
+        pods.append(Pod(ns, container_id, "default", "podman-ip", result))
+    except BaseException:
+        ns.delete()
+        raise
+    assert result.ips() == ["10.100.0.78/24"]
+    assert "10.100.0.78/24" in ns.addresses("eth0")
+    assert record_of(node, "10.100.0.78").record.owner.pod == "podman-ip"
+    # A second IPv4 address from another source: coild refuses two of a family, nothing is held.
+    other = Netns.create(PREFIX)
+    try:
+        refused = node.runtime.call(
+            "ADD",
+            uuid.uuid4().hex,
+            other.path,
+            args=cni_args("default", "two") + ";IP=10.100.0.79",
+            config=node.runtime.config(runtimeConfig={"ips": ["10.100.0.80/24"]}),
+        )
+        assert refused.out and refused.out["code"] == 7, refused
+        assert "at most one per family" in refused.out["details"]
+        bad = node.runtime.call(
+            "ADD",
+            uuid.uuid4().hex,
+            other.path,
+            args=cni_args("default", "bad") + ";IP=10.100.0.300",
+        )
+        assert bad.out and bad.out["code"] == 7, bad
+        assert "CNI_ARGS IP: '10.100.0.300'" in bad.out["msg"]
+    finally:
+        other.delete()
+    for address in ("10.100.0.79", "10.100.0.80"):
+        assert not record_of(node, address).HasField("record")
+
+
 def test_del_of_unknown_attachment_succeeds(node: Node) -> None:
     result = node.runtime.call("DEL", uuid.uuid4().hex, "", args=cni_args("default", "ghost"))
     assert result.ok and result.out is None

@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from coil.v1 import nodeagent_pb2, nodeagent_pb2_grpc
+from tests import test_cni_rpc as rpc_tests
 
 # Modules the plugin must never load: they belong to the daemons, or cost start-up time.
 FORBIDDEN_MODULES = ("pyroute2", "pyetcd", "etcd3", "prometheus_client", "coil_allocator", "coild")
@@ -251,6 +252,30 @@ def test_add_requested_ips_from_args(launcher: str, fake: Fake) -> None:
     assert list(request.requested_addresses) == ["10.1.0.7"]
 
 
+@pytest.mark.parametrize(
+    ("cni_args", "conf", "requested"),
+    [
+        ("IP=10.1.0.7", {}, ["10.1.0.7"]),  # podman's --ip; IP is a known key
+        ("IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;IP=10.1.0.7/16", {}, ["10.1.0.7"]),
+        ("IP=10.1.0.7,fd00:10::7", {}, ["10.1.0.7", "fd00:10::7"]),
+        ("IP=", {}, []),  # empty: not given
+        ("IP=10.1.0.7", {"runtimeConfig": {"ips": ["10.1.0.7/16"]}}, ["10.1.0.7"]),
+        ("IP=fd00:10::7", {"runtimeConfig": {"ips": ["10.1.0.7"]}}, ["10.1.0.7", "fd00:10::7"]),
+        # Two of a family: coild refuses them (test_cni_e2e.py, with the real coild).
+        ("IP=10.1.0.9", {"runtimeConfig": {"ips": ["10.1.0.8"]}}, ["10.1.0.8", "10.1.0.9"]),
+    ],
+    ids=["one", "with-k8s-args", "dual-stack", "empty", "same-as-runtime-config", "merged", "two"],
+)
+def test_add_requested_ips_from_cni_args_ip(
+    launcher: str, fake: Fake, cni_args: str, conf: dict[str, Any], requested: list[str]
+) -> None:
+    """CNI_ARGS IP= is asked for like runtimeConfig.ips, merged with it (as host-local does)."""
+    out = run(launcher, "ADD", netconf(fake.socket, **conf), {**ADD_ENV, "CNI_ARGS": cni_args})
+    assert out.rc == 0, out.output
+    [(_, request)] = fake.agent.requests
+    assert list(request.requested_addresses) == requested
+
+
 def test_add_uses_default_timeout_and_type_only_ipam(launcher: str, fake: Fake) -> None:
     conf = netconf(fake.socket)
     del conf["ipam"]["timeout"]
@@ -341,6 +366,48 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str]] = [
         7,
         '"containerID": 7',
     ),
+    (
+        "gc-bad-container-id",
+        {
+            "command": "GC",
+            "version": "1.1.0",
+            "set": {"cni.dev/valid-attachments": [{"containerID": "-x/../y", "ifname": "eth0"}]},
+        },
+        7,
+        "containerID '-x/../y' is not a valid container ID",
+    ),
+    (
+        "gc-bad-ifname",
+        {
+            "command": "GC",
+            "version": "1.1.0",
+            "set": {"cni.dev/valid-attachments": [{"containerID": "abc", "ifname": "a b"}]},
+        },
+        7,
+        "ifname 'a b' is not a valid interface name",
+    ),
+    (
+        "check-prev-result-bad-address",
+        {
+            "command": "CHECK",
+            "set": {"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/99"}]}},
+        },
+        7,
+        "'10.1.0.5/99' is not an address",
+    ),
+    (
+        "check-prev-result-no-prefix",
+        {
+            "command": "CHECK",
+            "set": {"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5"}]}},
+        },
+        7,
+        "'10.1.0.5' is not an address with a prefix length",
+    ),
+    ("socket-nul", {"ipam": {"socket": "/run/coild\u0000.sock"}}, 7, "no NUL"),
+    ("socket-too-long", {"ipam": {"socket": "/" + "s" * 107}}, 7, "at most 107 bytes"),
+    ("cni-args-ip-bad", {"env": {"CNI_ARGS": "IP=10.1.0.300"}}, 7, "CNI_ARGS IP: '10.1.0.300'"),
+    ("cni-args-ip-empty-entry", {"env": {"CNI_ARGS": "IP=10.1.0.9,"}}, 7, "CNI_ARGS IP: ''"),
 ]
 
 
@@ -357,6 +424,47 @@ def test_bad_input(launcher: str, fake: Fake, case: dict[str, Any], code: int, t
     assert out.output["code"] == code, out.output
     assert text in out.output["msg"], out.output
     assert fake.agent.requests == []
+
+
+HUGE = "q" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("command", "case"),
+    [
+        ("ADD", {"env": {"CNI_CONTAINERID": "-" + HUGE}}),
+        ("ADD", {"env": {"CNI_IFNAME": HUGE}}),
+        ("ADD", {"env": {"CNI_ARGS": f"COLOR={HUGE}"}}),
+        ("ADD", {"env": {"CNI_ARGS": f"{HUGE}"}}),
+        ("ADD", {"env": {"CNI_ARGS": f"IP={HUGE}"}}),
+        ("ADD", {"ipam": {"type": HUGE}}),
+        ("ADD", {"ipam": {"socket": HUGE}}),
+        ("ADD", {"set": {"runtimeConfig": {"ips": [HUGE]}}}),
+        ("ADD", {"set": {"cniVersion": HUGE}}),
+        ("CHECK", {"set": {"prevResult": {"ips": [{"address": HUGE}]}}}),
+        ("GC", {"version": "1.1.0", "set": {"cni.dev/valid-attachments": [{"containerID": HUGE}]}}),
+        (HUGE, {}),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 10 else None,
+)
+def test_errors_quote_huge_inputs_cut_short(
+    launcher: str, fake: Fake, command: str, case: dict[str, Any]
+) -> None:
+    env = {**ADD_ENV, **case.get("env", {})}
+    out = run(launcher, command, _conf(fake.socket, case), env)
+    assert out.rc == 1
+    assert out.output["code"] in (1, 4, 7), out.output
+    assert "qqqq" in out.output["msg"]  # it still quotes the start of what was wrong
+    assert len(out.stdout) < 1500, out.stdout
+
+
+def test_huge_pod_name_and_coild_message_are_cut_short(launcher: str, fake: Fake) -> None:
+    fake.agent.errors["Allocate"] = (grpc.StatusCode.INVALID_ARGUMENT, f"bad pod {HUGE}")
+    env = {**ADD_ENV, "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={HUGE}"}
+    out = run(launcher, "ADD", netconf(fake.socket), env)
+    assert out.output["code"] == 7
+    assert out.output["details"].startswith("bad pod qqqq")
+    assert len(out.stdout) < 2500, out.stdout
 
 
 def test_error_reports_the_configuration_version(launcher: str, fake: Fake) -> None:
@@ -376,6 +484,7 @@ def test_error_reports_the_configuration_version(launcher: str, fake: Fake) -> N
         (grpc.StatusCode.ALREADY_EXISTS, 102, "requested address in use"),
         (grpc.StatusCode.FAILED_PRECONDITION, 103, "no pool serves the namespace"),
         (grpc.StatusCode.INVALID_ARGUMENT, 7, "rejected"),
+        (grpc.StatusCode.ABORTED, 11, "try again later"),
         (grpc.StatusCode.INTERNAL, 999, "INTERNAL"),
     ],
     ids=lambda v: v.name if isinstance(v, grpc.StatusCode) else None,
@@ -390,6 +499,40 @@ def test_add_status_mapping(
     assert text in out.output["msg"]
     assert CONTAINER in out.output["msg"]
     assert out.output["details"] == "coild says no"
+    # Runtimes print "msg; details": coild's message shows once.
+    assert f"{out.output['msg']}; {out.output['details']}".count("coild says no") == 1
+
+
+@pytest.mark.parametrize(
+    ("then", "code"),
+    [
+        (rpc_tests._frame(3, 0, 1, (11).to_bytes(4, "big")), 11),  # reset ENHANCE_YOUR_CALM
+        (rpc_tests._frame(3, 0, 1, (8).to_bytes(4, "big")), 11),  # reset CANCEL
+        (rpc_tests._frame(3, 0, 1, (7).to_bytes(4, "big")), 11),  # reset REFUSED_STREAM
+        (rpc_tests._frame(7, 0, 0, bytes(4) + (0).to_bytes(4, "big")), 11),  # GOAWAY before it
+        (rpc_tests._frame(3, 0, 1, (1).to_bytes(4, "big")), 999),  # reset PROTOCOL_ERROR
+        (rpc_tests._frame(0, 0, 1, b"\x00" + (5 << 20).to_bytes(4, "big")), 999),  # 5 MiB answer
+        (rpc_tests._frame(1, 0, 1, b"\x88") + rpc_tests._frame(9, 0, 1, bytes(16_000)) * 10, 999),
+    ],
+    ids=["reset-11", "cancel", "refused", "goaway", "protocol-error", "oversized", "headers"],
+)
+def test_transport_failures_are_never_coils_own_codes(
+    launcher: str, tmp_path: Path, then: bytes, code: int
+) -> None:
+    """Failures of the conversation itself are 11 (outcome unknown, try again) or 999, never 101
+    ("pool exhausted"), however grpcio would name them."""
+    directory = tempfile.mkdtemp(prefix="coil-cni-")
+    socket = os.path.join(directory, "coild.sock")
+    finish = rpc_tests._scripted_server(socket, rpc_tests._open_and(then))
+    try:
+        out = run(launcher, "ADD", netconf(socket), ADD_ENV)
+    finally:
+        finish()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert out.rc == 1
+    assert out.output["code"] == code, out.output
+    assert "pool exhausted" not in out.output["msg"]
+    assert CONTAINER in out.output["msg"]
 
 
 def test_add_unavailable_names_socket(launcher: str, fake: Fake) -> None:
@@ -480,6 +623,18 @@ def test_gc_with_no_valid_attachments_sends_empty_list(launcher: str, fake: Fake
     assert list(request.valid_attachments) == []
 
 
+def test_gc_request_over_coilds_message_limit_is_invalid_config(launcher: str, fake: Fake) -> None:
+    """coild's gRPC server refuses a message over 4 MiB with RESOURCE_EXHAUSTED; the plugin must
+    not send it (that status reads as "pool exhausted") but name the configuration."""
+    valid = [{"containerID": f"{i:064x}", "ifname": "eth0"} for i in range(60_000)]
+    conf = netconf(fake.socket, "1.1.0", **{"cni.dev/valid-attachments": valid})
+    out = run(launcher, "GC", conf)
+    assert out.rc == 1
+    assert out.output["code"] == 7, out.output
+    assert "message limit" in out.output["msg"]
+    assert fake.agent.requests == []
+
+
 def test_status_ok(launcher: str, fake: Fake) -> None:
     out = run(launcher, "STATUS", netconf(fake.socket, "1.1.0"))
     assert (out.rc, out.stdout) == (0, "")
@@ -497,7 +652,8 @@ def test_status_failing_is_not_available(
     assert out.rc == 1
     assert out.output["code"] == 50
     assert out.output["msg"].startswith("coil is not available: ")
-    assert "etcd unreachable" in out.output["msg"]
+    assert out.output["details"] == "etcd unreachable"
+    assert f"{out.output['msg']}; {out.output['details']}".count("etcd unreachable") == 1
 
 
 def test_status_missing_socket_is_not_available(launcher: str, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ UNIX socket, the ``hpack`` package's encoder, and the ``json`` module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -473,7 +474,8 @@ def test_answer_over_the_limit_fails_at_once(server: Server) -> None:
     started = time.monotonic()
     with pytest.raises(rpc.RpcError) as raised:
         rpc.call(server.path, "/test.v1.Test/Big", str(rpc.RECEIVE_LIMIT + 1024).encode(), 20)
-    assert raised.value.status == "RESOURCE_EXHAUSTED"
+    # The plugin's own limit, not coild's RESOURCE_EXHAUSTED (which means "pool exhausted").
+    assert (raised.value.status, raised.value.transport) == ("INTERNAL", True)
     assert time.monotonic() - started < 10  # not at the deadline
 
 
@@ -488,3 +490,233 @@ def test_answer_over_the_limit_fails_at_once(server: Server) -> None:
 )
 def test_grpc_message_percent_decoding(raw: bytes, text: str) -> None:
     assert rpc._percent_decode(raw) == text
+
+
+# --- a scripted HTTP/2 server, frame by frame --------------------------------------------------
+
+
+class _Peer:
+    """The server side of one connection, read and written frame by frame by a test."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = b""
+
+    def _read(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+        out, self.buffer = self.buffer[:size], self.buffer[size:]
+        return out
+
+    def preface(self) -> None:
+        assert self._read(24) == rpc.PREFACE
+
+    def frame(self) -> tuple[int, int, int, bytes]:
+        head = self._read(9)
+        length = int.from_bytes(head[:3], "big")
+        return head[3], head[4], int.from_bytes(head[5:9], "big"), self._read(length)
+
+    def send(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+
+def _scripted_server(path: str, script: Callable[[_Peer], None]) -> Callable[[], None]:
+    """Runs ``script`` on the first connection to ``path``; returns a function that waits for it
+    and closes everything (the script's own failure is re-raised there)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    failures: list[BaseException] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        try:
+            script(_Peer(conn))
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass  # the plugin hung up: what the script does next no longer matters
+        except BaseException as e:  # reported by finish()
+            failures.append(e)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+
+    def finish() -> None:
+        thread.join(15)
+        listener.close()
+        assert not thread.is_alive()
+        if failures:
+            raise failures[0]
+
+    return finish
+
+
+def _setting(key: int, value: int) -> bytes:
+    return key.to_bytes(2, "big") + value.to_bytes(4, "big")
+
+
+def _echo_answer(body: bytes) -> bytes:
+    """HEADERS, DATA (in frames of 16 KiB) and trailers of a successful call answering ``body``."""
+    encoder = hpack.Encoder()
+    headers = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+    data = b"".join(
+        _frame(0, 0, 1, message[i : i + 16_384]) for i in range(0, len(message), 16_384)
+    )
+    return (
+        _frame(1, 0x4, 1, headers)
+        + data
+        + _frame(1, 0x5, 1, encoder.encode([("grpc-status", "0")]))
+    )
+
+
+def test_server_with_a_small_window_is_honoured_from_the_first_byte(scratch: Path) -> None:
+    """A server opens with SETTINGS_INITIAL_WINDOW_SIZE of 1,000 bytes and grants more with
+    WINDOW_UPDATE as it reads; it counts its window from its own SETTINGS and resets the stream
+    (FLOW_CONTROL_ERROR) on any byte beyond it. The plugin must read those SETTINGS before it
+    sends a large body instead of sending the default 64 KiB first."""
+    window = 1000
+    request = os.urandom(20_000)
+    path = str(scratch / "small-window.sock")
+    seen: list[int] = []
+
+    def script(peer: _Peer) -> None:
+        peer.send(_frame(4, 0, 0, _setting(rpc.SETTINGS_INITIAL_WINDOW_SIZE, window)))
+        peer.preface()
+        allowed, body = window, b""
+        while True:
+            kind, flags, stream, payload = peer.frame()
+            if kind == 4 and not flags & 1:
+                peer.send(_frame(4, 1, 0))
+            if kind != 0 or stream != 1:
+                continue
+            body += payload
+            seen.append(len(payload))
+            if len(body) > allowed:
+                peer.send(_frame(3, 0, 1, (3).to_bytes(4, "big")))  # FLOW_CONTROL_ERROR
+                return
+            if flags & 1:  # END_STREAM
+                peer.send(_echo_answer(body[5:]))
+                return
+            grant = len(payload).to_bytes(4, "big")
+            peer.send(_frame(8, 0, 1, grant) + _frame(8, 0, 0, grant))
+            allowed += len(payload)
+
+    finish = _scripted_server(path, script)
+    try:
+        assert rpc.call(path, "/test.v1.Test/Echo", request, 5) == request
+    finally:
+        finish()
+    assert max(seen) <= window
+
+
+def test_small_requests_do_not_wait_for_the_servers_settings(scratch: Path) -> None:
+    """Every ADD fits EARLY_DATA_LIMIT: it goes out with the headers, before the server speaks."""
+    path = str(scratch / "early.sock")
+    request = b"x" * (rpc.EARLY_DATA_LIMIT - 5)
+
+    def script(peer: _Peer) -> None:
+        peer.preface()
+        body = b""
+        while True:  # the whole request arrives before the server sends anything
+            kind, flags, stream, payload = peer.frame()
+            if kind == 0 and stream == 1:
+                body += payload
+                if flags & 1:
+                    break
+        peer.send(_frame(4, 0, 0) + _echo_answer(body[5:]))
+
+    finish = _scripted_server(path, script)
+    try:
+        assert rpc.call(path, "/test.v1.Test/Echo", request, 5) == request
+    finally:
+        finish()
+
+
+def _open_and(then: bytes) -> Callable[[_Peer], None]:
+    """A server that opens the connection and, once the request has arrived, sends ``then``."""
+
+    def script(peer: _Peer) -> None:
+        peer.send(_frame(4, 0, 0))
+        peer.preface()
+        while True:
+            kind, flags, stream, _ = peer.frame()
+            if kind == 0 and stream == 1 and flags & 1:
+                break
+        peer.send(then)
+        with contextlib.suppress(TimeoutError):
+            peer.frame()  # hold the connection until the plugin hangs up
+
+    return script
+
+
+def test_endless_header_block_fails_at_once(scratch: Path) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames that never end the block: the plugin
+    stops at MAX_HEADER_LIST bytes instead of buffering until its deadline."""
+    path = str(scratch / "endless.sock")
+    continuation = _frame(9, 0, 1, b"\x00" * 16_000)  # never END_HEADERS
+    flood = _frame(1, 0, 1, b"\x88") + continuation * 300  # 4.8 MB
+    finish = _scripted_server(path, _open_and(flood))
+    started = time.monotonic()
+    try:
+        with pytest.raises(rpc.RpcError) as raised:
+            rpc.call(path, "/test.v1.Test/Echo", b"x", 4)
+    finally:
+        finish()
+    assert (raised.value.status, raised.value.transport) == ("INTERNAL", True)
+    assert f"more than {rpc.MAX_HEADER_LIST} bytes" in raised.value.message
+    assert time.monotonic() - started < 3  # not the deadline
+
+
+def test_small_block_that_decodes_to_a_huge_header_list_fails(scratch: Path) -> None:
+    """HPACK lets 1 byte stand for a 4 KB header from the dynamic table: the decoded list is
+    bounded too."""
+    path = str(scratch / "bomb.sock")
+    big = hpack.Encoder().encode([("x", "v" * 4000)])  # added to the dynamic table
+    block = big + b"\xbe" * 2000  # index 62, the entry just added, 2,000 times: 8 MB of headers
+    finish = _scripted_server(path, _open_and(_frame(1, 0x5, 1, block)))
+    try:
+        with pytest.raises(rpc.RpcError) as raised:
+            rpc.call(path, "/test.v1.Test/Echo", b"x", 4)
+    finally:
+        finish()
+    assert (raised.value.status, raised.value.transport) == ("INTERNAL", True)
+    assert "header list" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("then", "status"),
+    [
+        (_frame(3, 0, 1, (11).to_bytes(4, "big")), "RESOURCE_EXHAUSTED"),  # ENHANCE_YOUR_CALM
+        (_frame(3, 0, 1, (8).to_bytes(4, "big")), "CANCELLED"),
+        (_frame(3, 0, 1, (7).to_bytes(4, "big")), "UNAVAILABLE"),  # REFUSED_STREAM
+        (_frame(3, 0, 1, (1).to_bytes(4, "big")), "INTERNAL"),  # PROTOCOL_ERROR
+        (_frame(7, 0, 0, bytes(4) + (11).to_bytes(4, "big")), "UNAVAILABLE"),  # GOAWAY, last 0
+        (_frame(0, 0, 1, b"\x00" + (rpc.RECEIVE_LIMIT + 1).to_bytes(4, "big")), "INTERNAL"),
+    ],
+    ids=["reset-11", "reset-cancel", "reset-refused", "reset-protocol", "goaway", "oversized"],
+)
+def test_transport_failures_are_marked_as_the_plugins(
+    scratch: Path, then: bytes, status: str
+) -> None:
+    """Statuses the plugin decides itself carry transport=True, so coil_cni.errors never reads
+    them as coild's answer (RESOURCE_EXHAUSTED from coild means "pool exhausted")."""
+    path = str(scratch / "transport.sock")
+    finish = _scripted_server(path, _open_and(then))
+    try:
+        with pytest.raises(rpc.RpcError) as raised:
+            rpc.call(path, "/test.v1.Test/Echo", b"x", 4)
+    finally:
+        finish()
+    assert (raised.value.status, raised.value.transport) == (status, True)
+
+
+def test_servers_status_is_not_marked_as_transport(server: Server) -> None:
+    with pytest.raises(rpc.RpcError) as raised:
+        rpc.call(server.path, "/test.v1.Test/Fail", b"RESOURCE_EXHAUSTED pool full", 5)
+    assert (raised.value.status, raised.value.transport) == ("RESOURCE_EXHAUSTED", False)

@@ -8,8 +8,8 @@ coild answers with an error status or cannot be reached; nothing here retries: t
 from __future__ import annotations
 
 from coil_cni import rpc, wire
-from coil_cni.config import Address, Attachment, IpamConfig, PodRef
-from coil_cni.errors import OTHER, CNIError, error_from_status
+from coil_cni.config import Address, Attachment, CniArgs, IpamConfig
+from coil_cni.errors import INVALID_CONFIG, OTHER, CNIError, cut, error_from_status
 
 SERVICE = "/coil.v1.NodeAgentService/"
 
@@ -35,6 +35,14 @@ class NodeAgent:
         self._command = command
 
     def _call(self, method: str, request: bytes, subject: str) -> bytes:
+        if len(request) > rpc.SEND_LIMIT:
+            # coild's gRPC server would refuse it with RESOURCE_EXHAUSTED, which reads as "pool
+            # exhausted"; what made it this large is the configuration (a GC list, static IPs).
+            raise CNIError(
+                INVALID_CONFIG,
+                f"coil {self._command} {subject}: the request to coild is {len(request)} bytes, "
+                f"over the {rpc.SEND_LIMIT}-byte message limit of coild's gRPC server",
+            )
         try:
             return rpc.call(self._ipam.socket, SERVICE + method, request, self._ipam.timeout)
         except rpc.RpcError as e:
@@ -44,14 +52,16 @@ class NodeAgent:
                 command=self._command,
                 subject=subject,
                 socket=self._ipam.socket,
+                transport=e.transport,
             ) from None
 
-    def allocate(self, attachment: Attachment, pod: PodRef, requested: list[str]) -> list[Address]:
+    def allocate(self, attachment: Attachment, pod: CniArgs, requested: list[str]) -> list[Address]:
         """Addresses coild gives the attachment (the same ones on a repeated ADD)."""
         request = wire.allocate_request(
             attachment.container_id, attachment.ifname, pod.namespace, pod.pod, requested
         )
-        subject = f"{attachment} (pod {pod.namespace}/{pod.pod or '?'})"
+        pod_name = cut(f"{pod.namespace}/{pod.pod or '?'}")
+        subject = f"{attachment} (pod {pod_name})"
         return _addresses(self._call("Allocate", request, subject), subject)
 
     def release(self, attachment: Attachment) -> None:

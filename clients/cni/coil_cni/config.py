@@ -17,6 +17,8 @@ from coil_cni.errors import (
     INVALID_CONFIG,
     INVALID_ENVIRONMENT,
     CNIError,
+    cut,
+    quote,
 )
 
 TYPE_CHECKING = False
@@ -35,19 +37,22 @@ DEFAULT_TIMEOUT = 5.0
 MAX_TIMEOUT = 3600  # seconds; a runtime gives up on a plugin long before
 DEFAULT_NAMESPACE = "default"
 
-# CNI_ARGS keys a Kubernetes runtime sends; any other key needs IgnoreUnknown=1.
+# CNI_ARGS keys a Kubernetes runtime sends, and IP (static addresses: podman's --ip); any other
+# key needs IgnoreUnknown=1.
 KNOWN_ARGS = (
     "IgnoreUnknown",
     "K8S_POD_NAMESPACE",
     "K8S_POD_NAME",
     "K8S_POD_INFRA_CONTAINER_ID",
     "K8S_POD_UID",
+    "IP",
 )
 
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _CONTAINER_ID_REST = _ALNUM | frozenset("_.-")
 _CONTAINER_ID_MAX = 255
 _IFNAME_MAX = 15  # IFNAMSIZ - 1
+_SOCKET_PATH_MAX = 107  # bytes: sun_path is 108 with its terminating NUL
 
 
 class _Value:
@@ -102,16 +107,19 @@ class Attachment(_Value):
         return f"{self.container_id}/{self.ifname}"
 
 
-class PodRef(_Value):
-    """Kubernetes namespace and pod name from CNI_ARGS ("default" and "" when absent)."""
+class CniArgs(_Value):
+    """What coil reads from CNI_ARGS: the Kubernetes namespace and pod name ("default" and "" when
+    absent), and the value of IP= as given ("" when absent; checked by requested_addresses)."""
 
-    __slots__ = ("namespace", "pod")
+    __slots__ = ("namespace", "pod", "ip")
     namespace: str
     pod: str
+    ip: str
 
-    def __init__(self, namespace: str, pod: str) -> None:
+    def __init__(self, namespace: str, pod: str, ip: str = "") -> None:
         object.__setattr__(self, "namespace", namespace)
         object.__setattr__(self, "pod", pod)
+        object.__setattr__(self, "ip", ip)
 
 
 class Address(_Value):
@@ -132,6 +140,22 @@ def _valid_container_id(value: str) -> bool:
         0 < len(value) <= _CONTAINER_ID_MAX
         and value[0] in _ALNUM
         and all(c in _CONTAINER_ID_REST for c in value)
+    )
+
+
+_CONTAINER_ID_RULE = "1-255 letters, digits, '_', '.', '-', not starting with a punctuation mark"
+_IFNAME_RULE = "at most 15 bytes, no '/', ':' or whitespace"
+
+
+def _valid_ifname(value: str) -> bool:
+    """A name Linux accepts for an interface (what ``dev_valid_name`` checks)."""
+    return (
+        bool(value)
+        and _printable_utf8(value)
+        and len(value.encode()) <= _IFNAME_MAX
+        and value not in (".", "..")
+        and not any(c in value for c in "/:")
+        and not any(c.isspace() for c in value)
     )
 
 
@@ -161,7 +185,7 @@ def parse_netconf(data: bytes) -> dict[str, Any]:
     if not isinstance(conf, dict):
         raise CNIError(
             DECODING_FAILURE,
-            f"network configuration on stdin is not a JSON object: {jsonio.dumps(conf)[:200]}",
+            f"network configuration on stdin is not a JSON object: {_shown(conf)}",
         )
     return conf
 
@@ -181,11 +205,11 @@ def config_version(conf: Mapping[str, Any], command: str) -> str:
             f"supported: {supported}",
         )
     if not isinstance(version, str):
-        raise CNIError(INVALID_CONFIG, f"cniVersion must be a string, got {jsonio.dumps(version)}")
+        raise CNIError(INVALID_CONFIG, f"cniVersion must be a string, got {_shown(version)}")
     if version not in SUPPORTED_VERSIONS:
         raise CNIError(
             INCOMPATIBLE_VERSION,
-            f"unsupported cniVersion {version!r}; supported: {supported}",
+            f"unsupported cniVersion {quote(version)}; supported: {supported}",
         )
     minimum = MIN_VERSION.get(command)
     if minimum is not None and _version_key(version) < _version_key(minimum):
@@ -197,21 +221,34 @@ def config_version(conf: Mapping[str, Any], command: str) -> str:
     return version
 
 
+def _shown(value: Any) -> str:
+    """A JSON value as it appears in a message: its JSON text, cut to a readable length."""
+    return cut(jsonio.dumps(value))
+
+
+def _socket_path_ok(path: str) -> bool:
+    """An absolute path a UNIX socket can have: no NUL, UTF-8, at most 107 bytes."""
+    try:
+        encoded = path.encode()
+    except UnicodeEncodeError:
+        return False
+    return path.startswith("/") and b"\0" not in encoded and len(encoded) <= _SOCKET_PATH_MAX
+
+
 def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
     """The ``ipam`` section; code 7 if missing, not for coil, or with a bad socket or timeout."""
     ipam = conf.get("ipam")
     if not isinstance(ipam, dict):
-        shown = "missing" if ipam is None else f"not an object: {jsonio.dumps(ipam)}"
+        shown = "missing" if ipam is None else f"not an object: {_shown(ipam)}"
         raise CNIError(INVALID_CONFIG, f"network configuration has no ipam section ({shown})")
     if ipam.get("type") != "coil":
-        raise CNIError(
-            INVALID_CONFIG, f'ipam.type must be "coil", got {jsonio.dumps(ipam.get("type"))}'
-        )
+        raise CNIError(INVALID_CONFIG, f'ipam.type must be "coil", got {_shown(ipam.get("type"))}')
     socket = ipam.get("socket", DEFAULT_SOCKET)
-    if not isinstance(socket, str) or not socket.startswith("/"):
+    if not isinstance(socket, str) or not _socket_path_ok(socket):
         raise CNIError(
             INVALID_CONFIG,
-            f"ipam.socket must be an absolute path of coild's socket, got {jsonio.dumps(socket)}",
+            "ipam.socket must be an absolute path of coild's socket (UTF-8, no NUL, at most "
+            f"{_SOCKET_PATH_MAX} bytes), got {_shown(socket)}",
         )
     timeout = ipam.get("timeout", DEFAULT_TIMEOUT)
     if (
@@ -222,7 +259,7 @@ def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
         raise CNIError(
             INVALID_CONFIG,
             f"ipam.timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT}, "
-            f"got {jsonio.dumps(timeout)}",
+            f"got {_shown(timeout)}",
         )
     return IpamConfig(socket=socket, timeout=float(timeout))
 
@@ -230,7 +267,7 @@ def parse_ipam(conf: Mapping[str, Any]) -> IpamConfig:
 def _ip_list(value: Any, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise CNIError(
-            INVALID_CONFIG, f"{where} must be a list of address strings, got {jsonio.dumps(value)}"
+            INVALID_CONFIG, f"{where} must be a list of address strings, got {_shown(value)}"
         )
     return value
 
@@ -240,14 +277,17 @@ def _object(conf: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise CNIError(INVALID_CONFIG, f"{where} must be an object, got {jsonio.dumps(value)}")
+        raise CNIError(INVALID_CONFIG, f"{where} must be an object, got {_shown(value)}")
     return value
 
 
-def requested_addresses(conf: Mapping[str, Any]) -> list[str]:
-    """Static addresses asked for through ``runtimeConfig.ips`` (the "ips" capability) and
-    ``args.cni.ips``, without prefix length, de-duplicated in order. Code 7 for anything that is not
-    a list of strings or an entry that is not an address (with or without "/prefix")."""
+def requested_addresses(conf: Mapping[str, Any], cni_args_ip: str = "") -> list[str]:
+    """Static addresses asked for, without prefix length, de-duplicated in order, from three
+    places: ``runtimeConfig.ips`` (the "ips" capability), ``args.cni.ips``, and CNI_ARGS ``IP=``
+    (``cni_args_ip``: one address or a comma-separated list; podman's ``--ip``). They are merged,
+    as host-local merges them; coild refuses more than one address per family (code 7 through
+    its INVALID_ARGUMENT). Code 7 here for anything that is not a list of strings or an entry that
+    is not an address (with or without "/prefix"), naming where the entry came from."""
     found: list[tuple[str, str]] = []
     runtime_ips = _object(conf, "runtimeConfig", "runtimeConfig").get("ips")
     if runtime_ips is not None:
@@ -256,9 +296,13 @@ def requested_addresses(conf: Mapping[str, Any]) -> list[str]:
     args_ips = cni_args.get("ips")
     if args_ips is not None:
         found += [(ip, "args.cni.ips") for ip in _ip_list(args_ips, "args.cni.ips")]
+    if cni_args_ip:
+        found += [(ip, "CNI_ARGS IP") for ip in cni_args_ip.split(",")]
+    if not found:
+        return []
+    import ipaddress
+
     result: list[str] = []
-    if found:
-        import ipaddress
     for entry, where in found:
         try:
             if "%" in entry:
@@ -268,18 +312,20 @@ def requested_addresses(conf: Mapping[str, Any]) -> list[str]:
                 ipaddress.ip_interface(entry)  # the prefix length must be valid too
         except ValueError:
             raise CNIError(
-                INVALID_CONFIG, f"{where}: {entry!r} is not an IP address (with or without /prefix)"
+                INVALID_CONFIG,
+                f"{where}: {quote(entry)} is not an IP address (with or without /prefix)",
             ) from None
         if address not in result:
             result.append(address)
     return result
 
 
-def parse_cni_args(value: str) -> PodRef:
-    """Parse CNI_ARGS (``K=V;K=V``) into the pod's namespace and name.
+def parse_cni_args(value: str) -> CniArgs:
+    """Parse CNI_ARGS (``K=V;K=V``) into the pod's namespace and name and the IP= value.
 
     Empty items are skipped. Code 4 for an item without "=" or with an empty key, an IgnoreUnknown
-    that is not a boolean, or a key coil does not know when IgnoreUnknown is not true.
+    that is not a boolean, or a key coil does not know when IgnoreUnknown is not true. IP= is
+    checked by ``requested_addresses`` (code 7).
     """
     pairs: dict[str, str] = {}
     for item in value.split(";"):
@@ -289,31 +335,32 @@ def parse_cni_args(value: str) -> PodRef:
         if not sep or not key:
             raise CNIError(
                 INVALID_ENVIRONMENT,
-                f"CNI_ARGS item {item!r} is not KEY=VALUE (CNI_ARGS={value!r})",
+                f"CNI_ARGS item {quote(item)} is not KEY=VALUE (CNI_ARGS={quote(value)})",
             )
         if not _printable_utf8(key + val):
             raise CNIError(
                 INVALID_ENVIRONMENT,
-                f"CNI_ARGS item {item!r} is not printable UTF-8 text",
+                f"CNI_ARGS item {quote(item)} is not printable UTF-8 text",
             )
         pairs[key] = val
     ignore = pairs.get("IgnoreUnknown", "false").lower()
     if ignore not in ("1", "true", "0", "false"):
         raise CNIError(
             INVALID_ENVIRONMENT,
-            f"CNI_ARGS IgnoreUnknown={pairs['IgnoreUnknown']!r} is not 1, 0, true or false",
+            f"CNI_ARGS IgnoreUnknown={quote(pairs['IgnoreUnknown'])} is not 1, 0, true or false",
         )
     if ignore in ("0", "false"):
         unknown = [key for key in pairs if key not in KNOWN_ARGS]
         if unknown:
             raise CNIError(
                 INVALID_ENVIRONMENT,
-                f"CNI_ARGS has unknown key {unknown[0]!r} and no IgnoreUnknown=1 "
-                f"(CNI_ARGS={value!r})",
+                f"CNI_ARGS has unknown key {quote(unknown[0])} and no IgnoreUnknown=1 "
+                f"(CNI_ARGS={quote(value)})",
             )
-    return PodRef(
+    return CniArgs(
         namespace=pairs.get("K8S_POD_NAMESPACE") or DEFAULT_NAMESPACE,
         pod=pairs.get("K8S_POD_NAME", ""),
+        ip=pairs.get("IP", ""),
     )
 
 
@@ -332,21 +379,14 @@ def attachment_from_env(env: Mapping[str, str], command: str) -> Attachment:
     if not _valid_container_id(container_id):
         raise CNIError(
             INVALID_ENVIRONMENT,
-            f"CNI_CONTAINERID {container_id!r} is not a valid container ID "
-            "(1-255 letters, digits, '_', '.', '-', not starting with a punctuation mark)",
+            f"CNI_CONTAINERID {quote(container_id)} is not a valid container ID "
+            f"({_CONTAINER_ID_RULE})",
         )
     ifname = _required(env, "CNI_IFNAME", command)
-    if (
-        not _printable_utf8(ifname)
-        or len(ifname.encode()) > _IFNAME_MAX
-        or ifname in (".", "..")
-        or any(c in ifname for c in "/:")
-        or any(c.isspace() for c in ifname)
-    ):
+    if not _valid_ifname(ifname):
         raise CNIError(
             INVALID_ENVIRONMENT,
-            f"CNI_IFNAME {ifname!r} is not a valid interface name "
-            "(at most 15 bytes, no '/', ':' or whitespace)",
+            f"CNI_IFNAME {quote(ifname)} is not a valid interface name ({_IFNAME_RULE})",
         )
     if command in ("ADD", "CHECK"):
         _required(env, "CNI_NETNS", command)
@@ -356,17 +396,18 @@ def attachment_from_env(env: Mapping[str, str], command: str) -> Attachment:
 def valid_attachments(conf: Mapping[str, Any]) -> list[Attachment]:
     """The attachments GC must keep, from ``cni.dev/valid-attachments``.
 
-    Code 7 if the key is missing (a GC without it would release every pod of the node) or if it is
-    not a list of objects with string "containerID" and "ifname".
+    Code 7 if the key is missing (a GC without it would release every pod of the node), if it is
+    not a list of objects with string "containerID" and "ifname", or if an entry's container ID or
+    interface name breaks the rules CNI_CONTAINERID and CNI_IFNAME follow.
     """
     key = "cni.dev/valid-attachments"
     value = conf.get(key)
     if value is None:
         raise CNIError(INVALID_CONFIG, f"GC needs {key!r} in the configuration; it is missing")
     if not isinstance(value, list):
-        raise CNIError(INVALID_CONFIG, f"{key} must be a list, got {jsonio.dumps(value)}")
+        raise CNIError(INVALID_CONFIG, f"{key} must be a list, got {_shown(value)}")
     result = []
-    for item in value:
+    for index, item in enumerate(value):
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("containerID"), str)
@@ -374,20 +415,33 @@ def valid_attachments(conf: Mapping[str, Any]) -> list[Attachment]:
         ):
             raise CNIError(
                 INVALID_CONFIG,
-                f'{key} entries need string "containerID" and "ifname", got {jsonio.dumps(item)}',
+                f'{key} entries need string "containerID" and "ifname", got {_shown(item)}',
             )
-        result.append(Attachment(container_id=item["containerID"], ifname=item["ifname"]))
+        container_id, ifname = item["containerID"], item["ifname"]
+        if not _valid_container_id(container_id):
+            raise CNIError(
+                INVALID_CONFIG,
+                f"{key}[{index}]: containerID {quote(container_id)} is not a valid container ID "
+                f"({_CONTAINER_ID_RULE})",
+            )
+        if not _valid_ifname(ifname):
+            raise CNIError(
+                INVALID_CONFIG,
+                f"{key}[{index}]: ifname {quote(ifname)} is not a valid interface name "
+                f"({_IFNAME_RULE})",
+            )
+        result.append(Attachment(container_id=container_id, ifname=ifname))
     return result
 
 
 def prev_result_addresses(conf: Mapping[str, Any]) -> list[str]:
     """The addresses of ``prevResult.ips`` for CHECK; code 7 if prevResult is missing or
-    malformed."""
+    malformed, or an address is not an address in CIDR form."""
     prev = conf.get("prevResult")
     if not isinstance(prev, dict):
         raise CNIError(
             INVALID_CONFIG,
-            f"CHECK needs prevResult to be an object, got {jsonio.dumps(prev)[:200]}",
+            f"CHECK needs prevResult to be an object, got {_shown(prev)}",
         )
     ips = prev.get("ips", [])
     if not isinstance(ips, list) or not all(
@@ -395,10 +449,25 @@ def prev_result_addresses(conf: Mapping[str, Any]) -> list[str]:
     ):
         raise CNIError(
             INVALID_CONFIG,
-            'prevResult.ips must be a list of objects with an "address", '
-            f"got {jsonio.dumps(ips)[:200]}",
+            f'prevResult.ips must be a list of objects with an "address", got {_shown(ips)}',
         )
-    return [ip["address"] for ip in ips]
+    import ipaddress
+
+    addresses = []
+    for index, ip in enumerate(ips):
+        address = ip["address"]
+        try:
+            if "/" not in address:
+                raise ValueError("no prefix length")
+            ipaddress.ip_interface(address)
+        except ValueError:
+            raise CNIError(
+                INVALID_CONFIG,
+                f"prevResult.ips[{index}].address {quote(address)} is not an address with a "
+                "prefix length (CIDR form)",
+            ) from None
+        addresses.append(address)
+    return addresses
 
 
 def same_addresses(held: list[str], expected: list[str]) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coil_cni.errors import INVALID_ENVIRONMENT, OTHER, CNIError
+from coil_cni.errors import INVALID_ENVIRONMENT, OTHER, CNIError, cut, quote
 
 TYPE_CHECKING = False  # typing itself would cost every pod its import
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def _node_agent(ipam: IpamConfig, command: str, subject: str) -> NodeAgent:
             command=command,
             subject=subject,
             socket=ipam.socket,
+            transport=True,
         )
     from coil_cni.client import NodeAgent
 
@@ -53,10 +54,10 @@ def _add(conf: dict[str, Any], env: Mapping[str, str], version: str) -> dict[str
     from coil_cni import config
 
     attachment = config.attachment_from_env(env, "ADD")
-    pod = config.parse_cni_args(env.get("CNI_ARGS", ""))
+    args = config.parse_cni_args(env.get("CNI_ARGS", ""))
     ipam = config.parse_ipam(conf)
-    requested = config.requested_addresses(conf)
-    addresses = _node_agent(ipam, "ADD", str(attachment)).allocate(attachment, pod, requested)
+    requested = config.requested_addresses(conf, args.ip)
+    addresses = _node_agent(ipam, "ADD", str(attachment)).allocate(attachment, args, requested)
     if not addresses:
         raise CNIError(OTHER, f"coil ADD {attachment}: coild answered with no addresses")
     return config.ipam_result(version, addresses)
@@ -80,7 +81,8 @@ def _check(conf: dict[str, Any], env: Mapping[str, str], version: str) -> None:
     if not config.same_addresses(held, expected):
         raise CNIError(
             OTHER,
-            f"coil CHECK {attachment}: coild holds {held} but prevResult has {expected}",
+            f"coil CHECK {attachment}: coild holds {cut(str(held))} but prevResult has "
+            f"{cut(str(expected))}",
         )
 
 
@@ -121,7 +123,8 @@ def run(env: Mapping[str, str], stdin: bytes | None) -> tuple[int, dict[str, Any
         if command not in config.COMMANDS:
             raise CNIError(
                 INVALID_ENVIRONMENT,
-                f"unknown CNI_COMMAND {command!r}; expected one of {', '.join(config.COMMANDS)}",
+                f"unknown CNI_COMMAND {quote(command)}; "
+                f"expected one of {', '.join(config.COMMANDS)}",
             )
         if command == "VERSION":
             return 0, config.version_result()
@@ -131,7 +134,7 @@ def run(env: Mapping[str, str], stdin: bytes | None) -> tuple[int, dict[str, Any
     except CNIError as e:
         error = e
     except Exception as e:  # the runtime gets a CNI error object, never a traceback
-        error = CNIError(OTHER, f"coil {command}: unexpected error: {e!r}")
+        error = CNIError(OTHER, f"coil {quote(command)}: unexpected error: {cut(repr(e))}")
     # Errors are reported in the configuration's version if coil supports it.
     conf_version = conf.get("cniVersion")
     if isinstance(conf_version, str) and conf_version in config.SUPPORTED_VERSIONS:

@@ -15,9 +15,18 @@ PING, decodes headers with ``coil_cni.hpack``, and maps transport failures to gR
 grpcio does (unreachable: UNAVAILABLE, out of time: DEADLINE_EXCEEDED). coild is an ordinary
 grpcio server; tests/test_cni_rpc.py runs this against one.
 
+Limits on what the server may send: an answer of at most RECEIVE_LIMIT bytes, header blocks of at
+most MAX_HEADER_LIST bytes (announced as SETTINGS_MAX_HEADER_LIST_SIZE), at most two header
+blocks (headers and trailers). A request larger than EARLY_DATA_LIMIT waits for the server's
+SETTINGS before its first DATA frame, so a server that opens with a small flow-control window is
+honoured from the first byte.
+
 ``call`` returns the answer's bytes or raises ``RpcError`` carrying a gRPC status name and
-message. It does not retry; like grpcio's ``wait_for_ready`` it waits for a socket that refuses
-connections (coild restarting) until the deadline.
+message, and whether the status is the server's (its grpc-status or HTTP status) or the plugin's
+own verdict on a failed conversation (``transport``); ``coil_cni.errors`` maps the two apart, so a
+transport failure never reads as an answer of coild's. It does not retry; like grpcio's
+``wait_for_ready`` it waits for a socket that refuses connections (coild restarting) until the
+deadline.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION =
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH = 0x1, 0x2
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x4, 0x5
+SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65_535
@@ -51,6 +61,16 @@ STREAM = 1  # the one stream of the connection
 # How much the plugin lets coild send: grpcio's default limit for a received message (4 MiB).
 RECEIVE_LIMIT = 4 * 1024 * 1024
 RECEIVE_WINDOW = RECEIVE_LIMIT + 5
+# The largest request coild accepts: grpcio's default limit for a received message, which coild
+# keeps. Checked by coil_cni.client before a call.
+SEND_LIMIT = 4 * 1024 * 1024
+# The largest header block (compressed, and as a header list: RFC 9113 6.5.2) the plugin accepts
+# from coild; announced in SETTINGS. coild's headers and trailers are a few hundred bytes.
+MAX_HEADER_LIST = 65_536
+# A request body (with its 5-byte prefix) up to this size is sent without waiting for the
+# server's SETTINGS; every ADD, DEL, CHECK and STATUS request is smaller. A larger one (a GC of
+# many attachments) waits for them, so it never exceeds a smaller window the server announces.
+EARLY_DATA_LIMIT = 1024
 CONNECT_RETRY_S = 0.05  # between connection attempts while the socket refuses
 
 STATUS_NAMES = (
@@ -88,12 +108,17 @@ RESET_NAMES = {7: "UNAVAILABLE", 8: "CANCELLED", 11: "RESOURCE_EXHAUSTED", 12: "
 
 
 class RpcError(Exception):
-    """A call that did not succeed: ``status`` is the gRPC status name, ``message`` its details."""
+    """A call that did not succeed: ``status`` is the gRPC status name, ``message`` its details.
 
-    def __init__(self, status: str, message: str) -> None:
+    ``transport`` is True when the plugin itself decided the status because the conversation
+    failed (coild unreachable, out of time, the connection cut or reset, a malformed or oversized
+    answer), False when it is what the server answered."""
+
+    def __init__(self, status: str, message: str, transport: bool = True) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.transport = transport
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -168,6 +193,7 @@ class _Connection:
         self.headers: list[list[tuple[bytes, bytes]]] = []  # header blocks of stream 1, in order
         self.data = bytearray()
         self.closed = False  # stream 1 ended (END_STREAM from the server)
+        self.settings_seen = False  # the server's first SETTINGS has been applied
         self.write_closed = False  # coild stopped reading (it answered, or went away)
 
     def _remaining(self) -> float:
@@ -211,6 +237,7 @@ class _Connection:
         if kind == SETTINGS:
             if not flags & ACK:
                 self._settings(payload)
+                self.settings_seen = True
                 self.send(_frame(SETTINGS, ACK, 0))
         elif kind == PING:
             if not flags & ACK:
@@ -244,23 +271,42 @@ class _Connection:
                     raise RpcError("INTERNAL", "coild sent a HEADERS frame with invalid priority")
                 block = block[5:]
             while not flags & END_HEADERS:
+                if len(block) > MAX_HEADER_LIST:  # checked per frame: memory stays bounded
+                    break
                 kind, cont_flags, cont_stream, more = self._frame()
                 if kind != CONTINUATION or cont_stream != stream:
                     raise RpcError("INTERNAL", "coild sent a header block without its continuation")
                 block += more
                 flags = (flags & END_STREAM) | (cont_flags & END_HEADERS)
+            if len(block) > MAX_HEADER_LIST:
+                raise RpcError(
+                    "INTERNAL", f"coild sent a header block of more than {MAX_HEADER_LIST} bytes"
+                )
+            if len(self.headers) == 2:  # gRPC answers with headers and trailers, no more
+                raise RpcError("INTERNAL", "coild sent more than two header blocks")
             try:
-                self.headers.append(self._decoder.decode(block))
+                decoded = self._decoder.decode(block)
             except HpackError as e:
                 raise RpcError("INTERNAL", f"coild's headers are not readable: {e}") from None
+            # The header list's size as RFC 9113 6.5.2 counts it: HPACK references can make a
+            # small block a large list.
+            if sum(len(n) + len(v) + 32 for n, v in decoded) > MAX_HEADER_LIST:
+                raise RpcError(
+                    "INTERNAL", f"coild sent a header list of more than {MAX_HEADER_LIST} bytes"
+                )
+            self.headers.append(decoded)
             self.closed = bool(flags & END_STREAM)
         elif kind == DATA:
             self.data += self._unpad(flags, payload)
             # The length prefix says at once whether the answer fits (flow control would
             # otherwise stall a larger one until the deadline).
-            if len(self.data) >= 5 and int.from_bytes(self.data[1:5], "big") > RECEIVE_LIMIT:
+            # INTERNAL, not grpcio's RESOURCE_EXHAUSTED: that status is coild's "pool exhausted".
+            if len(self.data) > RECEIVE_WINDOW or (
+                len(self.data) >= 5 and int.from_bytes(self.data[1:5], "big") > RECEIVE_LIMIT
+            ):
                 raise RpcError(
-                    "RESOURCE_EXHAUSTED", f"coild's answer exceeds {RECEIVE_LIMIT} bytes"
+                    "INTERNAL",
+                    f"coild's answer exceeds the plugin's limit of {RECEIVE_LIMIT} bytes",
                 )
             self.closed = bool(flags & END_STREAM)
 
@@ -289,7 +335,16 @@ class _Connection:
                 self.max_frame = value
 
     def send_data(self, body: bytes) -> None:
-        """Send ``body`` on stream 1 with END_STREAM, within the peer's frame size and windows."""
+        """Send ``body`` on stream 1 with END_STREAM, within the peer's frame size and windows.
+
+        A body over EARLY_DATA_LIMIT waits for the server's SETTINGS first: sent before them, it
+        would be counted against the default window of 65,535 bytes while the server may have
+        announced less, and a server that grants credit only for what fits its own window would
+        leave the call waiting for its deadline."""
+        while len(body) > EARLY_DATA_LIMIT and not self.settings_seen:
+            self.read_frame()
+            if self.closed:
+                return  # the server answered without the body (e.g. an error)
         sent = 0
         while not self.write_closed:
             allowed = min(self.send_window, self.stream_window, self.max_frame)
@@ -363,6 +418,7 @@ def call(socket_path: str, method: str, request: bytes, timeout: float) -> bytes
             for key, value in (
                 (SETTINGS_ENABLE_PUSH, 0),
                 (SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW),
+                (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
             )
         )
         conn.send(
@@ -381,7 +437,7 @@ def call(socket_path: str, method: str, request: bytes, timeout: float) -> bytes
             conn.read_frame()
         status, message = _status(conn)
         if status != "OK":
-            raise RpcError(status, message)
+            raise RpcError(status, message, transport=False)
         data = bytes(conn.data)
         if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
             raise RpcError("INTERNAL", "coild's answer is not one uncompressed gRPC message")

@@ -71,6 +71,11 @@ def gc_request(valid: list[tuple[str, str]]) -> bytes:
     return b"".join(_field(GC_VALID, attachment(c, i)) for c, i in valid)
 
 
+_VARINT, _I64, _START_GROUP, _END_GROUP, _I32 = 0, 1, 3, 4, 5
+_MAX_FIELD = 2**29 - 1
+_MAX_DEPTH = 100  # protobuf's default recursion limit, for nested groups
+
+
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -84,40 +89,91 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _key(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(field number, wire type, position after the key); ValueError for an invalid key."""
+    key, pos = _read_varint(data, pos)
+    number, wire = key >> 3, key & 7
+    if not 0 < number <= _MAX_FIELD:
+        raise ValueError(f"invalid field number {number}")
+    return number, wire, pos
+
+
+def _skip(data: bytes, pos: int, number: int, wire: int, depth: int) -> int:
+    """The position after the value of a field whose key ended at ``pos``; a group is skipped
+    up to its matching end-group key, as protobuf skips unknown groups."""
+    if wire == _VARINT:
+        return _read_varint(data, pos)[1]
+    if wire == _I64:
+        end = pos + 8
+    elif wire == _I32:
+        end = pos + 4
+    elif wire == _LEN:
+        size, pos = _read_varint(data, pos)
+        end = pos + size
+    elif wire == _START_GROUP:
+        if depth >= _MAX_DEPTH:
+            raise ValueError("groups nested too deeply")
+        while True:
+            if pos >= len(data):
+                raise ValueError(f"group {number} has no end")
+            inner, inner_wire, pos = _key(data, pos)
+            if inner_wire == _END_GROUP:
+                if inner != number:
+                    raise ValueError(f"group {number} ended by end-group {inner}")
+                return pos
+            pos = _skip(data, pos, inner, inner_wire, depth + 1)
+    elif wire == _END_GROUP:
+        raise ValueError(f"end-group {number} outside a group")
+    else:
+        raise ValueError(f"invalid wire type {wire}")
+    if end > len(data):
+        raise ValueError("truncated field")
+    return end
+
+
 def fields(data: bytes) -> list[tuple[int, bytes]]:
-    """The length-delimited fields of a message, in order; other wire types are skipped.
+    """The length-delimited fields of a message, in order, as (field number, payload); fields of
+    every other wire type, groups included, are checked and skipped.
 
     Raises ValueError for a message that is not well formed."""
     out: list[tuple[int, bytes]] = []
     pos = 0
     while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _read_varint(data, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == _LEN:
+        number, wire, pos = _key(data, pos)
+        if wire == _LEN:
             size, pos = _read_varint(data, pos)
             if pos + size > len(data):
                 raise ValueError("truncated field")
             out.append((number, data[pos : pos + size]))
             pos += size
         else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if pos != len(data):
-        raise ValueError("truncated field")
+            pos = _skip(data, pos, number, wire, 0)
     return out
 
 
+def _text(payload: bytes, what: str) -> str:
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text") from None
+
+
 def pod_addresses(response: bytes) -> list[tuple[str, str]]:
-    """(address, gateway) of each PodAddress in an AllocateResponse or CheckResponse."""
+    """(address, gateway) of each PodAddress in an AllocateResponse or CheckResponse.
+
+    Only the fields the plugin knows are decoded; every other field, of any wire type and at any
+    depth, is skipped as protobuf skips unknown fields (so a newer coild may add fields), and so
+    is a known field number arriving with another wire type. Raises ValueError for a message that
+    is not well formed or a known string that is not UTF-8."""
     found = []
     for number, payload in fields(response):
         if number != RESPONSE_ADDRESSES:
             continue
-        values = {n: v.decode() for n, v in fields(payload)}
-        found.append((values.get(POD_ADDRESS_ADDRESS, ""), values.get(POD_ADDRESS_GATEWAY, "")))
+        address = gateway = ""
+        for inner, value in fields(payload):
+            if inner == POD_ADDRESS_ADDRESS:
+                address = _text(value, "PodAddress.address")
+            elif inner == POD_ADDRESS_GATEWAY:
+                gateway = _text(value, "PodAddress.gateway")
+        found.append((address, gateway))
     return found
