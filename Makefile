@@ -32,6 +32,7 @@ lint: $(STAMP) gen-check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy services clients
 	$(VENV)/bin/buf lint
+	$(PY) scripts/validate_manifests.py
 
 # The API must not break for clients built against an earlier version:
 # `make breaking AGAINST=<git ref of the last release>` (default: the previous commit).
