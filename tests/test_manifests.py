@@ -227,7 +227,17 @@ def test_coild_mounts_only_what_it_uses(rendered: Rendered) -> None:
     cni = {n for n, p in host_paths.items() if p in ("/opt/cni/bin", "/etc/cni/net.d")}
     assert not cni & used.keys(), "the CNI directories are the installer's only"
     assert {m["name"] for m in init["volumeMounts"]} == cni
-    assert init["command"] == ["coil-install", "--host-root", "/host"]
+    # The conflist the installer writes points the plugin at coild's socket, on the host.
+    assert init["command"] == [
+        "coil-install",
+        "--host-root",
+        "/host",
+        "--socket",
+        value(coild, "COILD_SOCKET"),
+    ]
+    socket_volume = mounted(coild, value(coild, "COILD_SOCKET"))
+    assert socket_volume is not None
+    assert socket_volume["mountPath"] == host_paths[socket_volume["name"]]
     assert {m["mountPath"] for m in init["volumeMounts"]} == {
         "/host/opt/cni/bin",
         "/host/etc/cni/net.d",
