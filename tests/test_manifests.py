@@ -8,14 +8,23 @@ environment they set must be flags the programs read, and file paths must lie on
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from coil.v1 import nodeagent_pb2 as npb
+from coil.v1 import nodeagent_pb2_grpc as npb_grpc
+from coil_allocator.allocator import Allocator
 from coil_allocator.main import FLAGS as ALLOCATOR_FLAGS
 from coild.main import FLAGS as COILD_FLAGS
+from tests.harness.cluster import BIN, spawn, wait_until
+from tests.harness.etcd import EtcdServer
+from tests.harness.net import Netns
+from tests.harness.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -387,3 +396,109 @@ def test_uninstaller_runs_the_installer_with_uninstall_and_nothing_else() -> Non
     assert {c["image"] for c in all_containers(daemonset)} == {
         c["image"] for c in all_containers(base.coild)
     }
+
+
+# -- coild as the DaemonSet runs it -----------------------------------------------------------
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("grant", ["manifest", "nothing"])
+def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
+    grant: str, etcd_server: EtcdServer, allocator: Allocator, etcd_prefix: str, tmp_path: Path
+) -> None:
+    """coild as root with only the manifest's capabilities, its environment (server name, one
+    kubelet-style PEM file for certificate and key) and mutual TLS to an allocator that trusts
+    the "cluster CA": it serves a pod and writes the block's route to table 119. With no
+    capability at all the route write is refused, so the capability granted is needed too."""
+    daemonset = Rendered(validate.render(DEPLOY / "base")).coild
+    manifest = container(daemonset, "coild")
+    caps = manifest["securityContext"]["capabilities"]["add"] if grant == "manifest" else []
+    server_name = value(manifest, "COILD_ALLOCATOR_TLS_SERVER_NAME")
+    assert value(manifest, "COILD_ALLOCATOR_TLS_CERT") == value(manifest, "COILD_ALLOCATOR_TLS_KEY")
+
+    pki = Pki(tmp_path / "pki")
+    cluster_ca, coil_ca = pki.ca("kubernetes"), pki.ca("coil-allocator-ca")
+    server = pki.issue(coil_ca, "coil-allocator", server=True, names=f"DNS:{server_name}")
+    node = pki.issue(cluster_ca, "node-1", subject="/O=system:nodes/CN=system:node:node-1")
+    kubelet_pem = tmp_path / "kubelet-client-current.pem"
+    kubelet_pem.write_bytes(node.cert.read_bytes() + node.key.read_bytes())
+    kubelet_pem.chmod(0o600)
+    allocator.create_pool("default", ["10.76.0.0/24"], 3)
+
+    listen = f"unix:{tmp_path}/allocator.sock"
+    tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    tls += ["--tls-client-ca", str(cluster_ca.cert)]
+    alloc = spawn(
+        "coil-allocator",
+        [str(BIN / "coil-allocator"), "--listen", listen, "--metrics-addr", ""]
+        + ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, *tls],
+        tmp_path / "allocator.log",
+    )
+    ns = Netns.create("coilt-")
+    socket = tmp_path / "coil" / "coild.sock"
+    socket.parent.mkdir()
+    coild = None
+    try:
+        bounding = ",".join(["-all", *(f"+{c.lower()}" for c in caps)])
+        env = {
+            "COIL_NODE_NAME": "node-1",
+            "COIL_ALLOCATOR": listen,
+            "COILD_ALLOCATOR_TLS_SERVER_NAME": server_name,
+            "COILD_ALLOCATOR_TLS_CA": str(coil_ca.cert),
+            "COILD_ALLOCATOR_TLS_CERT": str(kubelet_pem),
+            "COILD_ALLOCATOR_TLS_KEY": str(kubelet_pem),
+            "COILD_SOCKET": str(socket),
+            "COILD_METRICS_ADDR": "",
+        }
+        coild = spawn(
+            "coild",
+            ["ip", "netns", "exec", ns.name, "setpriv", f"--bounding-set={bounding}"]
+            + ["--inh-caps=-all", "--no-new-privs", str(BIN / "coild")],
+            tmp_path / "coild.log",
+            env,
+        )
+        wait_until("coild's socket", socket.exists, proc=coild)
+        status = Path(f"/proc/{coild.popen.pid}/status").read_text()
+        with grpc.insecure_channel(f"unix:{socket}") as ch:
+            reply = wait_until(
+                "an address from coild",
+                lambda: _allocate(ch),
+                proc=coild,
+            )
+        assert reply.addresses[0].address.startswith("10.76.0.")
+        if grant == "manifest":
+            assert "CapBnd:\t0000000000001000" in status  # NET_ADMIN alone
+            routes = wait_until("the block's route", lambda: ns.routes("119"), proc=coild)
+            assert [r["type"] for r in routes] == ["blackhole"]
+            address = ipaddress.ip_interface(reply.addresses[0].address).ip
+            assert address in ipaddress.ip_network(routes[0]["dst"])
+            assert "Operation not permitted" not in coild.log.read_text()
+        else:
+            assert "CapBnd:\t0000000000000000" in status
+            wait_until(
+                "the refused route write",
+                lambda: "Operation not permitted" in coild.log.read_text(),
+                proc=coild,
+            )
+            assert ns.routes("119") == []
+    finally:
+        if coild is not None:
+            coild.stop()
+        alloc.stop()
+        ns.delete()
+
+
+def _allocate(ch: grpc.Channel) -> Any:
+    try:
+        return npb_grpc.NodeAgentServiceStub(ch).Allocate(
+            npb.AllocateRequest(
+                attachment=npb.Attachment(container_id="c0ffee", interface="eth0"),
+                namespace="default",
+                pod="web",
+            ),
+            timeout=5,
+        )
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:  # coild still rebuilding its state
+            return None
+        raise
