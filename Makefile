@@ -33,6 +33,7 @@ lint: $(STAMP) gen-check
 	$(VENV)/bin/mypy services clients libs
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/buf lint
+	$(PY) scripts/validate_manifests.py
 
 # The API must not break for clients built against an earlier version:
 # `make breaking AGAINST=<git ref of the last release>` (default: the previous commit).

@@ -338,6 +338,108 @@ def test_allocator_authenticates_with_password_from_environment(
     assert auth_etcd.password not in log
 
 
+def test_allocator_reads_etcd_password_from_file(auth_etcd: AuthEtcd, tmp_path: Path) -> None:
+    """The way the Kubernetes manifest passes it: a Secret mounted as a file, newline-ended."""
+    secret = tmp_path / "password"
+    secret.write_text(auth_etcd.password + "\n")
+    secret.chmod(0o600)
+    prefix = f"/coil/sec-{uuid.uuid4().hex[:8]}/"
+    proc, addr = run_allocator(
+        tmp_path,
+        auth_etcd.server.endpoint,
+        prefix,
+        env={"COIL_ETCD_USERNAME": auth_etcd.user, "COIL_ETCD_PASSWORD_FILE": str(secret)},
+    )
+    try:
+        wait_answering(proc, addr)
+        create_pool(addr, None, "default", "10.74.0.0/24")
+        assert pool_names(addr, None) == ["default"]
+        environ = Path(f"/proc/{proc.popen.pid}/environ").read_bytes()
+        assert auth_etcd.password.encode() not in environ
+    finally:
+        proc.stop()
+    log = proc.log.read_text()
+    assert auth_etcd.password not in log
+    assert "readable by" not in log, log  # mode 0600: no warning
+
+
+@pytest.mark.parametrize(
+    "content, mode, error",
+    [
+        (None, 0o600, "No such file or directory"),
+        ("", 0o600, "the file is empty"),
+        ("\n", 0o600, "the file is empty"),
+        (b"\xff\xfe", 0o600, "not UTF-8 text"),
+    ],
+    ids=["missing", "empty", "only-newline", "not-utf8"],
+)
+def test_bad_etcd_password_file_is_named(
+    auth_etcd: AuthEtcd, tmp_path: Path, content: str | bytes | None, mode: int, error: str
+) -> None:
+    secret = tmp_path / "password"
+    if isinstance(content, bytes):
+        secret.write_bytes(content)
+    elif content is not None:
+        secret.write_text(content)
+    if content is not None:
+        secret.chmod(mode)
+    proc, _ = run_allocator(
+        tmp_path,
+        auth_etcd.server.endpoint,
+        "/coil/sec-badfile/",
+        ["--etcd-password-file", str(secret)],
+        env={"COIL_ETCD_USERNAME": auth_etcd.user},
+    )
+    code = wait_exit(proc)
+    log = proc.log.read_text()
+    assert code == 2, log
+    assert "Traceback" not in log
+    assert f"--etcd-password-file {str(secret)!r}: {error}" in log
+
+
+def test_etcd_password_and_password_file_exclude_each_other(
+    auth_etcd: AuthEtcd, tmp_path: Path
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(auth_etcd.password)
+    secret.chmod(0o600)
+    proc, _ = run_allocator(
+        tmp_path,
+        auth_etcd.server.endpoint,
+        "/coil/sec-both/",
+        ["--etcd-password-file", str(secret)],
+        env=auth_env(auth_etcd.user, auth_etcd.password),
+    )
+    code = wait_exit(proc)
+    log = proc.log.read_text()
+    assert code == 2, log
+    assert "--etcd-password (COIL_ETCD_PASSWORD) and --etcd-password-file" in log
+    assert auth_etcd.password not in log
+
+
+@pytest.mark.parametrize("flag", ["--etcd-password-file", "--etcd-tls-key"])
+def test_world_readable_secret_file_is_warned_about(
+    auth_etcd: AuthEtcd, tmp_path: Path, flag: str
+) -> None:
+    """A secret any local user can read still works, but the log says so and how to fix it."""
+    secret = tmp_path / "secret"
+    secret.write_text(auth_etcd.password + "\n")
+    secret.chmod(0o644)
+    extra = [flag, str(secret)]
+    env = {"COIL_ETCD_USERNAME": auth_etcd.user}
+    if flag != "--etcd-password-file":
+        env["COIL_ETCD_PASSWORD"] = auth_etcd.password
+    proc, _ = run_allocator(tmp_path, auth_etcd.server.endpoint, "/coil/sec-ww/", extra, env=env)
+    try:
+        wait_until("the warning", lambda: "readable by" in proc.log.read_text(), proc=proc)
+    finally:
+        proc.stop()
+    log = proc.log.read_text()
+    assert f"{flag} {str(secret)!r} is readable by every user (mode 644)" in log, log
+    assert "chmod 600" in log
+    assert auth_etcd.password not in log
+
+
 def test_store_authenticates_again_after_token_expiry(auth_etcd: AuthEtcd) -> None:
     """The adapter itself, with no health thread keeping the token fresh."""
     store = EtcdStore(

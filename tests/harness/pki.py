@@ -78,9 +78,18 @@ class Pki:
         )
         return Ca(name, cert, key)
 
-    def issue(self, ca: Ca, name: str, *, server: bool = False) -> KeyPair:
+    def issue(
+        self,
+        ca: Ca,
+        name: str,
+        *,
+        server: bool = False,
+        names: str = SERVER_NAMES,
+        subject: str = "",
+    ) -> KeyPair:
         """A certificate for `name` signed by `ca`: for clients only, or with `server` also for
-        servers at 127.0.0.1 and localhost (subject alternative names)."""
+        servers at `names` (subject alternative names; 127.0.0.1 and localhost by default).
+        `subject` replaces the subject "/CN=`name`" (e.g. "/O=system:nodes/CN=system:node:n1")."""
         cert, key, csr = (self.dir / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
         extensions = self.dir / f"{name}.ext"
         usages = "serverAuth,clientAuth" if server else "clientAuth"
@@ -90,7 +99,7 @@ class Pki:
             f"extendedKeyUsage={usages}",
         ]
         if server:
-            lines.append(f"subjectAltName={SERVER_NAMES}")
+            lines.append(f"subjectAltName={names}")
         extensions.write_text("\n".join(lines) + "\n")
         _openssl(
             "req",
@@ -105,7 +114,7 @@ class Pki:
             "-out",
             str(csr),
             "-subj",
-            f"/CN={name}",
+            subject or f"/CN={name}",
         )
         _openssl(
             "x509",

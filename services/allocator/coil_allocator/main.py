@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,7 +31,13 @@ FLAGS: tuple[Flag, ...] = (
         "--etcd-password",
         "COIL_ETCD_PASSWORD",
         "",
-        "etcd password (prefer the environment variable)",
+        "etcd password (prefer --etcd-password-file or the environment variable)",
+    ),
+    (
+        "--etcd-password-file",
+        "COIL_ETCD_PASSWORD_FILE",
+        "",
+        "file holding the etcd password (one trailing newline is dropped)",
     ),
     ("--etcd-tls-ca", "COIL_ETCD_TLS_CA", "", "CA certificate file that signed etcd's certificate"),
     ("--etcd-tls-cert", "COIL_ETCD_TLS_CERT", "", "client certificate file for etcd"),
@@ -62,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         parser.error(f"--etcd-timeout {args.etcd_timeout!r}: not a positive number of seconds")
+    if args.etcd_password and args.etcd_password_file:
+        parser.error(
+            "--etcd-password (COIL_ETCD_PASSWORD) and --etcd-password-file "
+            "(COIL_ETCD_PASSWORD_FILE) exclude each other: give one"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -76,6 +88,43 @@ def _read_file(path: str, flag: str) -> bytes:
             return f.read()
     except OSError as e:
         raise ValueError(f"{flag} {path!r}: {e.strerror or e}") from None
+
+
+def _read_password(path: str) -> str:
+    """The password in `path`, without one trailing newline; ValueError naming the flag when the
+    file cannot be read, is not UTF-8 or holds nothing."""
+    raw = _read_file(path, "--etcd-password-file")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"--etcd-password-file {path!r}: not UTF-8 text") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ValueError(f"--etcd-password-file {path!r}: the file is empty")
+    return password
+
+
+def _warn_if_exposed(path: str, flag: str) -> None:
+    """Log a warning when a secret file can be read by users other than this process's own user
+    and groups: world-readable, or group-readable by a group this process is not in."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # reading it reports the error, naming the flag
+    own_groups = {os.getegid(), *os.getgroups()}
+    if st.st_mode & 0o004:
+        who = "every user"
+    elif st.st_mode & 0o040 and st.st_gid not in own_groups:
+        who = f"group {st.st_gid}"
+    else:
+        return
+    log.warning(
+        "%s %r is readable by %s (mode %o): make it readable by this user only (chmod 600)",
+        flag,
+        path,
+        who,
+        st.st_mode & 0o777,
+    )
 
 
 def _split_hostport(addr: str) -> tuple[str, int]:
@@ -97,12 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     from coil_allocator.metrics import AllocatorMetrics
     from coil_allocator.servicer import serve
 
+    for path, flag in (
+        (args.etcd_password_file, "--etcd-password-file"),
+        (args.etcd_tls_key, "--etcd-tls-key"),
+        (args.tls_key, "--tls-key"),
+    ):
+        if path:
+            _warn_if_exposed(path, flag)
+    password = args.etcd_password
+    if args.etcd_password_file:
+        try:
+            password = _read_password(args.etcd_password_file)
+        except ValueError as e:
+            print(f"coil-allocator: {e}", file=sys.stderr)
+            return 2
     try:
         store = EtcdStore(
             EtcdConfig(
                 endpoints=tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()),
                 username=args.etcd_username or None,
-                password=args.etcd_password or None,
+                password=password or None,
                 tls_ca=args.etcd_tls_ca or None,
                 tls_cert=args.etcd_tls_cert or None,
                 tls_key=args.etcd_tls_key or None,
