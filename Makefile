@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/coil/v1/*.proto)
 
-.PHONY: build deps gen gen-check lint breaking test test-unit demo demo-down bench install-cni clean
+.PHONY: build deps gen gen-check lint breaking test test-unit demo demo-down bench install-cni cni-bundle clean
 
 build: $(STAMP)
 
@@ -57,6 +57,11 @@ bench: $(STAMP) deps
 # The CNI plugin into /opt/cni/bin (a launcher bound to this venv's interpreter).
 install-cni: $(STAMP)
 	$(PY) -m coil_cni.install /opt/cni/bin
+
+# The CNI plugin as one relocatable directory (its own CPython, loader and libc), from Debian
+# packages: build/cni-bundle/, entry point build/cni-bundle/coil (see docs/cni.md).
+cni-bundle:
+	python3 scripts/cni_bundle.py build/cni-bundle
 
 clean:
 	rm -rf $(VENV) build *.egg-info
