@@ -183,9 +183,11 @@ def trace_modules(python: list[str], plugin_parent: str) -> set[str]:
 
 
 def digest(tree: str) -> str:
+    """Of every file but the compiled modules (marshal's output varies from run to run; they
+    follow from the sources, which are in)."""
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(tree):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             h.update(os.path.relpath(path, tree).encode() + b"\0")
