@@ -102,19 +102,30 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
+def apt_candidate(name: str) -> str:
+    out = subprocess.run(
+        ["apt-cache", "policy", name], check=True, capture_output=True, text=True
+    ).stdout
+    for line in out.splitlines():
+        if "Candidate:" in line:
+            candidate = line.split(":", 1)[1].strip()
+            return "" if candidate == "(none)" else candidate
+    return ""
+
+
 def fetch_debs(cache: str) -> dict[str, str]:
     """Download the packages (apt's candidate versions) into ``cache``; {name: .deb path}."""
     os.makedirs(cache, exist_ok=True)
     versions = {}
+    updated = False
     for name in DEBS:
-        out = subprocess.run(
-            ["apt-cache", "policy", name], check=True, capture_output=True, text=True
-        ).stdout
-        candidate = next(
-            (line.split(":", 1)[1].strip() for line in out.splitlines() if "Candidate:" in line),
-            "",
-        )
-        if not candidate or candidate == "(none)":
+        candidate = apt_candidate(name)
+        if not candidate and not updated and os.geteuid() == 0:
+            # A fresh machine (or image) may have no package lists yet.
+            run(["apt-get", "update", "-qq"])
+            updated = True
+            candidate = apt_candidate(name)
+        if not candidate:
             sys.exit(f"cni-bundle: apt knows no candidate for {name}; run apt-get update first")
         versions[name] = candidate
     debs = {}

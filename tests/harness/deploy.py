@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -59,8 +60,7 @@ def coil_install(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
 
 
 def tree(root: Path) -> dict[str, str]:
-    """Every path under `root` -> "dir", "link:<target>" or the file's content digest."""
-    import hashlib
+    """Every path under `root` -> "dir", "link:<target>", "special" or the file's content digest."""
 
     out: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -71,6 +71,8 @@ def tree(root: Path) -> dict[str, str]:
                 out[rel] = f"link:{os.readlink(path)}"
             elif path.is_dir():
                 out[rel] = "dir"
+            elif not path.is_file():
+                out[rel] = "special"  # a socket, a fifo
             else:
                 out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
