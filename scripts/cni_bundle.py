@@ -102,32 +102,35 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
-def apt_candidate(name: str) -> str:
+def apt_candidates(names: list[str]) -> dict[str, str]:
+    """{package: apt's candidate version} (one apt-cache call); packages apt does not know are
+    left out."""
     out = subprocess.run(
-        ["apt-cache", "policy", name], check=True, capture_output=True, text=True
+        ["apt-cache", "policy", *names], check=True, capture_output=True, text=True
     ).stdout
+    found: dict[str, str] = {}
+    current = ""
     for line in out.splitlines():
-        if "Candidate:" in line:
+        if line and not line[0].isspace() and line.endswith(":"):
+            current = line[:-1].split(":")[0]
+        elif "Candidate:" in line and current:
             candidate = line.split(":", 1)[1].strip()
-            return "" if candidate == "(none)" else candidate
-    return ""
+            if candidate != "(none)":
+                found[current] = candidate
+    return found
 
 
 def fetch_debs(cache: str) -> dict[str, str]:
     """Download the packages (apt's candidate versions) into ``cache``; {name: .deb path}."""
     os.makedirs(cache, exist_ok=True)
-    versions = {}
-    updated = False
-    for name in DEBS:
-        candidate = apt_candidate(name)
-        if not candidate and not updated and os.geteuid() == 0:
-            # A fresh machine (or image) may have no package lists yet.
-            run(["apt-get", "update", "-qq"])
-            updated = True
-            candidate = apt_candidate(name)
-        if not candidate:
-            sys.exit(f"cni-bundle: apt knows no candidate for {name}; run apt-get update first")
-        versions[name] = candidate
+    versions = apt_candidates(DEBS)
+    if len(versions) < len(DEBS) and os.geteuid() == 0:
+        # A fresh machine (or image) may have no package lists yet.
+        run(["apt-get", "update", "-qq"])
+        versions = apt_candidates(DEBS)
+    missing = [name for name in DEBS if name not in versions]
+    if missing:
+        sys.exit(f"cni-bundle: apt knows no candidate for {missing}; run apt-get update first")
     debs = {}
     for name, version in versions.items():
         found = glob.glob(os.path.join(cache, f"{name}_{version.replace(':', '%3a')}_*.deb"))
@@ -218,8 +221,37 @@ def project_version() -> str:
     sys.exit("cni-bundle: no version in pyproject.toml")
 
 
+def inputs_stamp(debs: dict[str, str]) -> str:
+    """What the bundle is made of: this script, the plugin's sources, the packages' versions."""
+    h = hashlib.sha256()
+    files = [os.path.abspath(__file__)]
+    files += [
+        os.path.join(PLUGIN_SRC, n) for n in sorted(os.listdir(PLUGIN_SRC)) if n.endswith(".py")
+    ]
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(path.encode() + b"\0" + f.read())
+    h.update(" ".join(sorted(debs)).encode())
+    return h.hexdigest()
+
+
 def build(out: str, cache: str) -> str:
     debs = fetch_debs(cache)
+    stamp = inputs_stamp(debs)
+    stamp_file = out.rstrip("/") + ".inputs"
+    try:
+        with open(stamp_file) as f, open(os.path.join(out, "VERSION")) as v:
+            if f.read() == stamp:
+                return v.read().strip()  # up to date
+    except OSError:
+        pass
+    version = _build(out, cache, debs)
+    with open(stamp_file, "w") as f:
+        f.write(stamp)
+    return version
+
+
+def _build(out: str, cache: str, debs: dict[str, str]) -> str:
     work = tempfile.mkdtemp(prefix="cni-bundle.", dir=os.path.dirname(out))
     try:
         root = os.path.join(work, "root")

@@ -142,7 +142,16 @@ def build_bundle(suffix: str) -> tuple[str, str]:
 
 
 def build_wheelhouse() -> str:
+    """build/wheelhouse, unless it was built from the same sources and lock file."""
     wheels = os.path.join(BUILD, "wheelhouse")
+    stamp = inputs_digest("", {}, "")
+    stamp_file = os.path.join(BUILD, "wheelhouse.inputs")
+    try:
+        with open(stamp_file) as f:
+            if f.read() == stamp and os.path.isdir(wheels):
+                return wheels
+    except OSError:
+        pass
     shutil.rmtree(wheels, ignore_errors=True)
     os.makedirs(wheels)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -155,6 +164,8 @@ def build_wheelhouse() -> str:
          "--dest", wheels, "-r", LOCK],
         check=True,
     )  # fmt: skip
+    with open(stamp_file, "w") as f:
+        f.write(stamp)
     return wheels
 
 

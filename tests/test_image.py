@@ -352,3 +352,48 @@ def test_two_nodes_from_the_image(cluster: dict[str, Node], image: str) -> None:
         assert gone.returncode == 0, gone.stderr
         after = {p: d for p, d in tree(node.root).items() if p not in NOT_INSTALLED}
         assert after == {p: d for p, d in node.pristine.items() if p not in NOT_INSTALLED}
+
+
+def test_the_containerfile_builds_the_same_layout(image: str, tmp_path: Path) -> None:
+    """deploy/image/Containerfile on a Debian bookworm base with Python 3.11 and no coil (the
+    image with /opt/coil and /usr/lib/coil removed, standing in for python:3.11-slim-bookworm,
+    which this test cannot pull) gives the layout `make image` gives."""
+    for d in ("opt/cni/bin", "etc/cni/net.d"):
+        (tmp_path / d).mkdir(parents=True)
+    conf = containers_conf(tmp_path / "build.conf", tmp_path)
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+    def podman(*args: str) -> str:
+        proc = subprocess.run(
+            ["podman", *args], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert proc.returncode == 0, f"podman {' '.join(args)}: {proc.stderr[-2000:]}"
+        return proc.stdout
+
+    context = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "image.py"), "--context-only"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert context.returncode == 0, context.stderr[-3000:]
+    base, built = "localhost/coil:test-base", "localhost/coil:test-containerfile"
+    name = f"{PREFIX}base-{uuid.uuid4().hex[:8]}"
+    layout = (
+        "ls /opt/coil/bin | grep -E '^coil' ; ls /usr/lib/coil/cni-bundle ; "
+        "for p in coil-allocator coild coilctl coil-install; do "
+        "$p --help >/dev/null || echo FAIL $p; done"
+    )
+    try:
+        podman("run", "--name", name, "--network", "none", image, "rm", "-rf", "/opt/coil",
+               "/usr/lib/coil")  # fmt: skip
+        podman("commit", "-q", name, base)
+        podman("build", "-q", "--network", "none", "--build-arg", f"BASE={base}", "-f",
+               str(REPO / "deploy/image/Containerfile"), "-t", built, str(REPO))  # fmt: skip
+        expected = podman("run", "--rm", "--network", "none", image, "sh", "-c", layout)
+        got = podman("run", "--rm", "--network", "none", built, "sh", "-c", layout)
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, env=env)
+        subprocess.run(["podman", "rmi", "-f", built, base], capture_output=True, env=env)
+    assert "FAIL" not in got and "coild" in got and "VERSION" in got, got
+    assert got == expected
