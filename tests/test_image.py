@@ -41,7 +41,8 @@ from tests.harness.deploy import REPO, tree
 from tests.harness.etcd import etcd_binary
 from tests.harness.net import Netns, run
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+# The first test also builds the image (mmdebstrap, about two minutes) unless it is up to date.
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 IMAGE = "localhost/coil:latest"
 PREFIX = "coilt-"
