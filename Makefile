@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/coil/v1/*.proto)
 
-.PHONY: build deps gen gen-check lint breaking test test-unit demo demo-down bench install-cni clean
+.PHONY: build deps gen gen-check lint breaking test test-unit demo demo-down bench install-cni cni-bundle image image-context clean
 
 build: $(STAMP)
 
@@ -59,6 +59,20 @@ bench: $(STAMP) deps
 # The CNI plugin into /opt/cni/bin (a launcher bound to this venv's interpreter).
 install-cni: $(STAMP)
 	$(PY) -m coil_cni.install /opt/cni/bin
+
+# The CNI plugin as one relocatable directory (its own CPython, loader and libc), from Debian
+# packages: build/cni-bundle/, entry point build/cni-bundle/coil (see docs/cni.md).
+cni-bundle:
+	python3 scripts/cni_bundle.py build/cni-bundle
+
+# The OCI image localhost/coil:latest, from Debian packages and PyPI wheels only, no registry;
+# rebuilt only when its inputs changed (docs/image.md).
+image: $(STAMP)
+	$(PY) scripts/image.py
+
+# What deploy/image/Containerfile copies in: build/cni-bundle and build/wheelhouse.
+image-context: $(STAMP)
+	$(PY) scripts/image.py --context-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,7 +2,7 @@
 host-local, and at the limits of etcd and Kubernetes.
 
 Writes bench/results/latest.md, latest.json and add-latency.svg; prints PASS or MISS per target.
-BENCH_QUICK=1 runs a smoke version (under a minute); BENCH_ONLY=cni,agent,claims,scale,routes
+BENCH_QUICK=1 runs a smoke version (under a minute); BENCH_ONLY=cni,bundle,agent,claims,scale,routes
 runs some sections only. Needs root (network namespaces) and the CNI plugins in /usr/lib/cni.
 Every process and namespace it starts is removed when it ends, also on failure or Ctrl-C."""
 
@@ -23,10 +23,10 @@ from typing import Any
 # grpc logs every fork of a process with gRPC threads at INFO (pyroute2 forks into namespaces).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from bench import agent, claims, cni, common, routes, scale, svg  # noqa: E402
+from bench import agent, bundle, claims, cni, common, routes, scale, svg  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("cni", "agent", "claims", "scale", "routes")
+SECTIONS = ("cni", "bundle", "agent", "claims", "scale", "routes")
 
 
 @dataclass
@@ -84,6 +84,17 @@ def targets(r: dict[str, Any]) -> list[Target]:
             ),
             Target("cni", "coil ADD p50", coil["add_ms"]["p50"], 60, "ms"),
         ]
+    if "bundle" in r:
+        b = r["bundle"]["subjects"]
+        out.append(
+            Target(
+                "bundle",
+                "bundle ADD p50 / venv launcher ADD p50",
+                round(b["bundle"]["add_ms"]["p50"] / b["venv launcher"]["add_ms"]["p50"], 3),
+                1.10,
+                "x",
+            )
+        )
     if "agent" in r:
         top = r["agent"]["runs"][-1]
         out.append(
@@ -221,6 +232,36 @@ def cni_section(c: dict[str, Any]) -> list[str]:
         lines.append(
             row(v["variant"], f"{ms['p50']:.1f}", f"{ms['p99']:.1f}", v["peak_rss_mb"], saved)
         )
+    return lines
+
+
+def bundle_section(b: dict[str, Any]) -> list[str]:
+    s = b["subjects"]
+    venv, bun = s["venv launcher"], s["bundle"]
+    lines = [
+        "",
+        f"## 1b. The plugin bundle against the venv launcher ({b['pods']} pods sequential, "
+        f"interleaved, same coild; VERSION {b['version_n']} execs each)",
+        "",
+        f"Bundle = `make cni-bundle` ({b['bundle_mb']} MB: Debian's CPython 3.11 with its own "
+        "loader and libc, behind a /bin/sh launcher) installed by coil-install; venv launcher = "
+        "`python -m coil_cni.install` (this virtualenv's interpreter).",
+        "",
+        *header("figure", "bundle", "venv launcher", "bundle/venv"),
+    ]
+    for label, key, stat in (
+        ("ADD p50 ms", "add_ms", "p50"),
+        ("ADD p99 ms", "add_ms", "p99"),
+        ("CHECK p50 ms", "check_ms", "p50"),
+        ("DEL p50 ms", "del_ms", "p50"),
+    ):
+        a, v = bun[key][stat], venv[key][stat]
+        lines.append(row(label, f"{a:.1f}", f"{v:.1f}", ratio(a, v)))
+    a, v = (b["version_ms"][n]["p50"] for n in ("bundle", "venv launcher"))
+    lines.append(row("VERSION p50 ms", f"{a:.1f}", f"{v:.1f}", ratio(a, v)))
+    a, v = bun["peak_rss_mb"]["add_max"], venv["peak_rss_mb"]["add_max"]
+    lines.append(row("peak RSS per ADD, MB", f"{a:.1f}", f"{v:.1f}", ratio(a, v)))
+    lines += ["", f"Failed execs: bundle {bun['failures']}, venv launcher {venv['failures']}."]
     return lines
 
 
@@ -421,6 +462,7 @@ def markdown(r: dict[str, Any], tgts: list[Target]) -> str:
         lines += ["", f"Sections that failed: {r['errors']}"]
     sections: dict[str, Callable[[dict[str, Any]], list[str]]] = {
         "cni": cni_section,
+        "bundle": bundle_section,
         "agent": agent_section,
         "claims": claims_section,
         "scale": scale_section,
@@ -453,6 +495,7 @@ def main() -> int:
     }
     runners: dict[str, Callable[[common.Lab], Any]] = {
         "cni": lambda lab: cni.run(lab, lab.allocators[0][1], log),
+        "bundle": lambda lab: bundle.run(lab, lab.allocators[0][1], log),
         "agent": lambda lab: agent.run(lab, lab.allocators[0][2], log),
         "claims": lambda lab: claims.run(lab, log),
         "scale": lambda lab: scale.run(lab, log),

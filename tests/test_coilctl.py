@@ -850,5 +850,5 @@ def test_completion_and_version_do_not_load_grpc(home: Path) -> None:
 
 def test_version(home: Path) -> None:
     r = _run(["version"], _env(home))
-    assert (r.code, r.out.strip()) == (0, f"coilctl {version('coil')}")
-    assert _run(["version", "-o", "json"], _env(home)).json() == {"version": version("coil")}
+    assert (r.code, r.out.strip()) == (0, f"coilctl {version('coil-ipam')}")
+    assert _run(["version", "-o", "json"], _env(home)).json() == {"version": version("coil-ipam")}

@@ -27,7 +27,7 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("coil")
+        return version("coil-ipam")
     except PackageNotFoundError:
         return "unknown"
 
