@@ -233,6 +233,28 @@ def test_namespace_pool_then_default_then_no_pool(
     assert owner_in_etcd(allocator, b.address) == Owner("team-b", "pod-c2", "c2", "eth0")
 
 
+def test_a_burst_just_after_its_namespace_pool_is_created_gets_that_pool(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """Regression: the first pod marked the namespace as looked up before its refresh ended,
+    so the pods racing it fell through to "default"."""
+    allocator.create_pool("default", ["10.23.0.0/24"], 3)
+    agent = make_agent()
+    allocator.create_pool("team-new", ["10.24.0.0/24"], 3)
+    n = 20
+    barrier = threading.Barrier(n)
+
+    def allocate(i: int) -> list[PodAddress]:
+        barrier.wait(timeout=10)
+        return agent.allocate(request(f"burst{i}", "team-new"))
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        answers = list(pool.map(allocate, range(n)))
+    pools = Counter(a.pool for got in answers for a in got)
+    assert pools == Counter({"team-new": n})
+    assert all(a.address in ipaddress.ip_network("10.24.0.0/24") for got in answers for a in got)
+
+
 def test_no_pool_names_the_namespace(allocator: Allocator, make_agent: AgentFactory) -> None:
     allocator.create_pool("team-a", ["10.22.0.0/24"], 3)
     agent = make_agent()

@@ -170,6 +170,7 @@ class NodeAgent:
         self._pools: dict[str, Pool] = {}
         self._pools_at = -1e9
         self._namespaces_checked: dict[str, float] = {}
+        self._namespace_lookup = threading.Lock()  # one pool look-up at a time; others wait
         self._claim_locks: dict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
         self._routes_lock = threading.Lock()
         self._routes_dirty = threading.Event()
@@ -413,18 +414,23 @@ class NodeAgent:
         A namespace without a pool of its own in the cached list is looked up again at most
         once a second per namespace, so a pool created just before its namespace's first pod
         is seen, and pods of namespaces without a pool do not ask the allocator every time.
+        Concurrent callers wait for the look-up in flight and use its answer: none falls
+        through to "default" while the namespace's own pool is still being read.
         """
         if namespace not in self._pools:
-            now = self._clock()
-            if now - self._namespaces_checked.get(namespace, -1e9) >= 1.0:
-                if len(self._namespaces_checked) > 10_000:
-                    self._namespaces_checked.clear()
-                self._namespaces_checked[namespace] = now
-                try:
-                    self._refresh_pools()
-                except AllocatorUnavailable:
-                    if not self._pools:
-                        raise
+            with self._namespace_lookup:
+                now = self._clock()
+                checked = self._namespaces_checked.get(namespace, -1e9)
+                if namespace not in self._pools and now - checked >= 1.0:
+                    if len(self._namespaces_checked) > 10_000:
+                        self._namespaces_checked.clear()
+                    try:
+                        self._refresh_pools()
+                    except AllocatorUnavailable:
+                        if not self._pools:
+                            raise
+                    finally:
+                        self._namespaces_checked[namespace] = self._clock()
         pool = self._pools.get(namespace) or self._pools.get("default")
         if pool is None:
             raise NoPool(
