@@ -50,6 +50,12 @@ class AllocatorUnavailable(NodeAgentError, errors.Unavailable):
     UNAVAILABLE; the CNI plugin reports error 11, try again later)."""
 
 
+class AllocatorConflict(NodeAgentError, errors.Conflict):
+    """The allocator lost compare-and-swap races, or found that its state changed under the
+    request (a pool deleted, a block no longer held): the same request may succeed when tried
+    again (gRPC ABORTED; the CNI plugin reports error 11, try again later)."""
+
+
 class AllocatorRejected(NodeAgentError, errors.Internal):
     """The allocator refused a request for a reason coild did not expect; the message carries
     the allocator's (gRPC INTERNAL)."""
