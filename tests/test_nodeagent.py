@@ -912,7 +912,9 @@ def test_grpc_status_codes(
     again = stub.Release(pb.ReleaseRequest(attachment=attachment("c0")), timeout=10)
     assert list(again.addresses) == []
     collected = stub.GarbageCollect(
-        pb.GarbageCollectRequest(valid_attachments=[attachment("c1"), attachment("c2")]),
+        pb.GarbageCollectRequest(
+            valid_attachments=[attachment("c1"), attachment("c2")], valid_list_complete=True
+        ),
         timeout=10,
     )
     assert {a.container_id for a in collected.released} == {"c3", "c4"}
@@ -927,6 +929,29 @@ def test_grpc_status_codes(
     ]:
         got, details = status_of(call, message)
         assert got == grpc.StatusCode.UNAVAILABLE, details
+
+
+def test_malformed_protobuf_is_invalid_argument_with_one_log_line(
+    allocator: Allocator,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_agent: AgentFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: gRPC answered INTERNAL and logged a traceback for every such request."""
+    path = str(tmp_path_factory.mktemp("coild") / "coild.sock")
+    server = serve_agent(make_agent(), path, workers=2)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            call = channel.unary_unary("/coil.v1.NodeAgentService/Allocate")
+            caplog.clear()
+            with pytest.raises(grpc.RpcError) as raised:
+                call(b"\x0a\xff\xff", timeout=10)
+    finally:
+        server.stop(grace=None).wait()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    logged = [r for r in caplog.records if r.levelno >= 30]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].exc_info is None and "Allocate" in logged[0].getMessage()
 
 
 def test_reconcile_catches_up_with_changes_made_elsewhere(

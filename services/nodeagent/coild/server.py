@@ -16,9 +16,10 @@ import grpc
 
 from coil.v1 import nodeagent_pb2 as pb
 from coil.v1 import nodeagent_pb2_grpc as pb_grpc
-from coil_core.rules import parse_address, validate_attachment
+from coil_core.rules import parse_address, validate_attachment, validate_pod
 from coil_grpc.status import ErrorsToStatus, Observer
 from coild.agent import AllocateRequest, NodeAgent, PodAddress
+from coild.errors import InvalidRequest
 
 log = logging.getLogger("coild")
 
@@ -42,6 +43,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
 
     def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
         cid, ifname = _attachment(request.attachment, "allocate")
+        validate_pod(request.namespace, request.pod, "allocate")
         requested = [
             parse_address(text, "allocate: requested address")
             for text in request.requested_addresses
@@ -64,6 +66,14 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
     def GarbageCollect(
         self, request: pb.GarbageCollectRequest, context: Any
     ) -> pb.GarbageCollectResponse:
+        if not request.valid_list_complete:
+            # An empty message, or one whose fields did not decode, reads as "nothing is valid":
+            # only an explicit mark may release every attachment not listed.
+            raise InvalidRequest(
+                f"garbage collect: refused: valid_list_complete is not set (got "
+                f"{len(request.valid_attachments)} valid attachment(s)); a garbage collection "
+                "must say that its list of valid attachments is complete"
+            )
         valid = {(a.container_id, a.interface) for a in request.valid_attachments}
         released = self.agent.garbage_collect(valid)
         return pb.GarbageCollectResponse(
