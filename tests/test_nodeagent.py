@@ -267,6 +267,33 @@ def test_no_pool_names_the_namespace(allocator: Allocator, make_agent: AgentFact
         agent.check("c1", "eth0")
 
 
+def test_the_same_attachment_on_a_second_node_is_a_conflict(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """Regression: the second node took the record of the first node's block as its own (both
+    pods got one address) and its DEL "succeeded" while freeing nothing."""
+    allocator.create_pool("default", ["10.25.0.0/24"], 3)
+    first, second = make_agent(NODE), make_agent(OTHER)
+    (held,) = first.allocate(request("twin"))
+    with pytest.raises(InvalidRequest, match=f'"{held.address}" on node "{NODE}"'):
+        second.allocate(request("twin"))
+    with pytest.raises(NotHeld):
+        second.check("twin", "eth0")
+    assert second.release("twin", "eth0") == []
+    # The first node's record is untouched, and the second node recorded nothing.
+    assert records_of(allocator, NODE) == {
+        held.address: Owner("default", "pod-twin", "twin", "eth0")
+    }
+    assert records_of(allocator, OTHER) == {}
+    assert first.check("twin", "eth0")[0].address == held.address
+    # Once the first node lets it go, the second may have it.
+    assert first.release("twin", "eth0") == [held.address]
+    (moved,) = second.allocate(request("twin"))
+    assert records_of(allocator, OTHER) == {
+        moved.address: Owner("default", "pod-twin", "twin", "eth0")
+    }
+
+
 # -- static addresses -----------------------------------------------------------------------
 
 

@@ -614,9 +614,20 @@ class NodeAgent:
         if outcome is RecordOutcome.RECORDED:
             return Settlement(Allocation(address, pool.name, block.cidr))
         if outcome is RecordOutcome.EXISTING and result.record is not None:
-            # The attachment already held an address (a request whose answer was lost): keep it.
+            # The attachment already held an address (a request whose answer was lost): keep it,
+            # if it is this node's. One recorded by another node is a conflict: a pod here
+            # must not get an address routed to that node, nor its DEL here free it.
             self._unreserve(pool.name, address)
             existing = result.record
+            if existing.node != self.config.node:
+                return Settlement(
+                    error=InvalidRequest(
+                        f'allocate "{existing.owner.container_id}/{existing.owner.interface}": '
+                        f'this attachment already holds "{existing.address}" on node '
+                        f'"{existing.node}"; an attachment lives on one node (release it there '
+                        "first)"
+                    )
+                )
             with self._lock:
                 held = self.state.block_of(existing.pool, existing.address)
                 if held is not None and existing.address not in held.addresses:
