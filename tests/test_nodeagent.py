@@ -27,6 +27,7 @@ from coil_allocator.allocator import Allocator
 from coil_allocator.servicer import serve as serve_allocator
 from coil_core.blocks import Address, Network
 from coil_core.model import Family, Owner, RecordOutcome, RecordRequest
+from coil_grpc.status import status_of as status_of_error
 from coild.agent import AgentConfig, AllocateRequest, NodeAgent, NoEvents, PodAddress
 from coild.allocator_client import AllocatorClient
 from coild.errors import (
@@ -36,6 +37,8 @@ from coild.errors import (
     InvalidRequest,
     NoPool,
     NotHeld,
+    RouteError,
+    RoutesNotReady,
 )
 from coild.server import serve as serve_agent
 from tests.conftest import snapshot
@@ -101,6 +104,7 @@ def make_agent(allocator_addr: str) -> Iterator[AgentFactory]:
         wait: bool = True,
         clock: Callable[[], float] | None = None,
         timeout: float = 2.0,
+        routes: Any = None,
         **config: Any,
     ) -> NodeAgent:
         settings: dict[str, Any] = {
@@ -113,7 +117,7 @@ def make_agent(allocator_addr: str) -> Iterator[AgentFactory]:
         agent = NodeAgent(
             AgentConfig(node=node, **settings),
             client,
-            RecordingRoutes(),
+            routes or RecordingRoutes(),
             clock=clock or started_clock(),
         )
         made.append((agent, client))
@@ -611,6 +615,44 @@ def test_routes_follow_claims_in_the_background(
 
 
 # -- restart --------------------------------------------------------------------------------
+
+
+class UnwritableRoutes(RecordingRoutes):
+    """A route sink that can read the table but not write it while `writable` is false, as
+    coild without CAP_NET_ADMIN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writable = False
+
+    def sync(self, desired: set[Network]) -> None:
+        if desired != self.desired and not self.writable:
+            raise RouteError(
+                f"table 119: writing {sorted(map(str, desired))}: Operation not permitted"
+            )
+        super().sync(desired)
+
+
+def test_no_address_is_handed_out_of_a_block_whose_route_cannot_be_written(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """Regression: the claim's route write failed, was logged, and the ADD succeeded anyway:
+    the pod got an address no route led to (docs/coild.md: the route exists before the claim
+    returns)."""
+    allocator.create_pool("default", ["10.26.0.0/24"], 3)
+    routes = UnwritableRoutes()
+    agent = make_agent(routes=routes)
+    for attempt in ("first", "again"):
+        with pytest.raises(RoutesNotReady, match="routes cannot be written") as raised:
+            agent.allocate(request(attempt))
+        assert status_of_error(raised.value) == grpc.StatusCode.UNAVAILABLE
+        assert records_of(allocator) == {}
+    # The failure is "try again later" (UNAVAILABLE, CNI 11), and it is: once routes can be
+    # written, the same pods get addresses whose block is routed.
+    routes.writable = True
+    (got,) = agent.allocate(request("again"))
+    assert any(got.address in block for block in routes_of(agent))
+    assert routes_of(agent) == held_blocks(allocator)
 
 
 def test_restart_rebuilds_blocks_and_attachments_from_the_allocator(

@@ -45,6 +45,7 @@ from coild.errors import (
     NodeAgentError,
     NoPool,
     NotHeld,
+    RoutesNotReady,
 )
 from coild.state import Allocation, Attachment, AttachmentKey, NodeBlock, NodeState
 
@@ -176,6 +177,7 @@ class NodeAgent:
         self._routes_dirty = threading.Event()
         self.ready = threading.Event()
         self.routes_synced = False
+        self.routes_error = ""
         self.allocator_ok = False
         self._stop = threading.Event()
         self._records = GroupCommitter(
@@ -383,16 +385,30 @@ class NodeAgent:
         )
 
     def sync_routes(self) -> None:
-        """Make the kernel table hold exactly this node's blocks."""
+        """Make the kernel table hold exactly this node's blocks (a failure is logged, and
+        leaves `routes_synced` false and its reason in `routes_error`)."""
         with self._lock:
             desired = self.state.routes()
         with self._routes_lock:
             try:
                 self.routes.sync(desired)
                 self.routes_synced = True
+                self.routes_error = ""
             except NodeAgentError as e:
                 self.routes_synced = False
+                self.routes_error = str(e)
                 log.error("route sync failed: %s", e)
+
+    def _require_routes(self, op: str) -> None:
+        """Sync the routes if the last sync failed; RoutesNotReady if they still cannot be
+        written, so no pod gets an address of a block whose route is missing."""
+        if not self.routes_synced:
+            self.sync_routes()
+        if not self.routes_synced:
+            raise RoutesNotReady(
+                f"{op}: the node's block routes cannot be written to table "
+                f"{self.config.table} ({self.routes_error}); try again"
+            )
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -458,6 +474,7 @@ class NodeAgent:
         if existing is not None:
             return self._pod_addresses(existing)
         pool = self.pool_for(request.namespace)
+        self._require_routes(f"allocate {request.container_id}/{request.interface}")
         targets: list[tuple[int, Address | None]]
         if request.requested:
             targets = []
@@ -715,6 +732,7 @@ class NodeAgent:
             )
         log.info("claimed block %s of pool %s", claimed.cidr, pool.name)
         self.sync_routes()
+        self._require_routes(f'claim in pool "{pool.name}"')
         return held
 
     def _unreserve(self, pool: str, address: Address) -> None:

@@ -21,6 +21,12 @@ class RouteError(NodeAgentError, errors.Internal):
     (gRPC INTERNAL)."""
 
 
+class RoutesNotReady(NodeAgentError, errors.Unavailable):
+    """The node's block routes could not be written (no CAP_NET_ADMIN, netlink refused): no
+    address is handed out of a block whose route is missing (gRPC UNAVAILABLE; the CNI plugin
+    reports error 11, try again later)."""
+
+
 class InvalidRequest(NodeAgentError, errors.InvalidArgument):
     """The request is malformed, or a requested address cannot be used by the pod (gRPC
     INVALID_ARGUMENT)."""
