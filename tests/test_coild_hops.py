@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -25,26 +26,35 @@ from coild.allocator_client import _ERRORS, AllocatorClient
 from coild.errors import AllocatorRejected
 from coild.server import serve as serve_agent
 from tests.test_cni_plugin import ADD_ENV, launcher, netconf, run  # noqa: F401 - fixture
-from tests.test_nodeagent import NODE, RecordingRoutes, records_of
+from tests.test_nodeagent import NODE, RecordingRoutes, held_blocks, records_of, request, routes_of
 
 
 class Front(apb_grpc.AllocatorServiceServicer):
     """Passes every call to the real allocator, except the methods in `fail`, which answer
-    their status instead."""
+    their status instead, and those in `lose_answer`, which are passed on (and so take effect)
+    but answer their status: a commit whose answer was lost."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._stub = apb_grpc.AllocatorServiceStub(channel)
         self.fail: dict[str, tuple[grpc.StatusCode, str]] = {}
+        self.lose_answer: dict[str, grpc.StatusCode] = {}
 
     def __getattribute__(self, name: str) -> Any:
         if name[:1].isupper():
             stub = object.__getattribute__(self, "_stub")
             fail = object.__getattribute__(self, "fail")
+            lose = object.__getattribute__(self, "lose_answer")
 
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 if name in fail:
                     context.abort(*fail[name])
-                return getattr(stub, name)(request, timeout=10)
+                try:
+                    answer = getattr(stub, name)(request, timeout=10)
+                except grpc.RpcError as e:
+                    context.abort(e.code(), e.details())
+                if name in lose:
+                    context.abort(lose[name], f"{name}: deadline passed (the answer was lost)")
+                return answer
 
             return call
         return object.__getattribute__(self, name)
@@ -69,19 +79,33 @@ def front(allocator_addr: str) -> Iterator[tuple[Front, str]]:
 
 
 @pytest.fixture
-def coild_socket(front: tuple[Front, str]) -> Iterator[str]:
+def coild_agent(front: tuple[Front, str]) -> Iterator[NodeAgent]:
+    """A node agent whose allocator is the front; only the test runs its maintenance."""
+    client = AllocatorClient(front[1], timeout=5)
+    origin = time.monotonic()
+    agent = NodeAgent(
+        AgentConfig(node=NODE, maintain_interval=3600, release_grace=0),
+        client,
+        RecordingRoutes(),
+        clock=lambda: time.monotonic() - origin,
+    )
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        client.close()
+
+
+@pytest.fixture
+def coild_socket(coild_agent: NodeAgent) -> Iterator[str]:
     directory = tempfile.mkdtemp(prefix="coil-hops-")
     socket = os.path.join(directory, "coild.sock")
-    client = AllocatorClient(front[1], timeout=5)
-    agent = NodeAgent(AgentConfig(node=NODE, maintain_interval=3600), client, RecordingRoutes())
-    agent.start()
-    server = serve_agent(agent, socket, workers=4)
+    server = serve_agent(coild_agent, socket, workers=4)
     try:
         yield socket
     finally:
         server.stop(grace=None).wait()
-        agent.stop()
-        client.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -132,3 +156,69 @@ def test_allocator_try_again_is_cni_11_at_the_plugin(
     out = run(launcher, "ADD", netconf(coild_socket), ADD_ENV)
     assert out.rc == 0, out.output
     assert len(records_of(allocator)) == 1
+
+
+# -- outcomes unknown --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("then", ["del", "add-again", "gc"])
+def test_a_record_that_commits_after_a_failed_add_does_not_leak(
+    allocator: Allocator,
+    front: tuple[Front, str],
+    coild_socket: str,
+    launcher: str,  # noqa: F811 - the fixture
+    then: str,
+) -> None:
+    """Regression: coild forgot an attachment whose record call timed out; the record
+    committed anyway, the runtime's DEL answered success without telling the allocator, and
+    the record stayed for good."""
+    allocator.create_pool("default", ["10.62.0.0/24"], 3)
+    servicer, _ = front
+    servicer.lose_answer["RecordAllocations"] = grpc.StatusCode.UNAVAILABLE
+    out = run(launcher, "ADD", netconf(coild_socket), ADD_ENV)
+    assert (out.rc, out.output["code"]) == (1, 11), out.output
+    assert len(records_of(allocator)) == 1  # committed after all
+    del servicer.lose_answer["RecordAllocations"]
+    if then == "del":
+        assert run(launcher, "DEL", netconf(coild_socket), ADD_ENV).rc == 0
+        assert records_of(allocator) == {}
+    elif then == "add-again":
+        out = run(launcher, "ADD", netconf(coild_socket), ADD_ENV)
+        assert out.rc == 0, out.output
+        (address,) = records_of(allocator)
+        assert out.output["ips"][0]["address"].split("/")[0] == str(address)
+        assert run(launcher, "DEL", netconf(coild_socket), ADD_ENV).rc == 0
+        assert records_of(allocator) == {}
+    else:
+        conf = netconf(coild_socket, "1.1.0", **{"cni.dev/valid-attachments": []})
+        env = {"CNI_CONTAINERID": "", "CNI_IFNAME": "", "CNI_NETNS": ""}
+        assert run(launcher, "GC", conf, env).rc == 0
+        assert records_of(allocator) == {}
+
+
+def test_a_block_release_that_commits_after_a_timeout_is_taken_as_done(
+    allocator: Allocator, front: tuple[Front, str], coild_agent: NodeAgent
+) -> None:
+    """Regression: a block release whose answer was lost left coild holding (and announcing)
+    the block; asked again, the allocator's "not held by any node" was taken as a refusal."""
+    allocator.create_pool("default", ["10.63.0.0/24"], 3)
+    agent = coild_agent
+    pods = []
+    while len(held_blocks(allocator)) < 2:
+        pods.append(f"p{len(pods)}")
+        agent.allocate(request(pods[-1]))
+    for pod in pods:
+        agent.release(pod, "eth0")
+    agent.sync_routes()
+    assert len(routes_of(agent)) == 2
+    servicer, _ = front
+    servicer.lose_answer["ReleaseBlock"] = grpc.StatusCode.DEADLINE_EXCEEDED
+    agent.maintain()
+    (kept,) = held_blocks(allocator)  # the youngest block was released in etcd
+    # Until coild knows, it hands out nothing from the block in doubt.
+    (got,) = agent.allocate(request("meanwhile"))
+    assert got.address in kept
+    del servicer.lose_answer["ReleaseBlock"]
+    agent.maintain()
+    agent.sync_routes()
+    assert routes_of(agent) == {kept} == held_blocks(allocator)
