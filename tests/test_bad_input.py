@@ -242,6 +242,22 @@ def agent_call(method: str, request: Any) -> Action:
     return run
 
 
+def raw_call(service: str, method: str, data: bytes) -> Action:
+    """Send ``data`` as the request of ``service``'s ``method`` as it is, undecoded: bytes no
+    generated class would produce. ``service`` is "coild" or "allocator"."""
+
+    def run(world: World) -> Outcome:
+        if service == "coild":
+            target, name = f"unix:{world.coild_socket}", "coil.v1.NodeAgentService"
+        else:
+            target, name = world.allocator_addr, "coil.v1.AllocatorService"
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(f"/{name}/{method}")
+            return _grpc(lambda _: call(data, timeout=30))
+
+    return run
+
+
 def allocator_call(method: str, request: Any) -> Action:
     """Call the AllocatorService; the error status and message."""
 
@@ -770,6 +786,128 @@ CASES = [
         ),
         "INVALID_ARGUMENT",
         '"' + "i" * 16 + '"',
+    ),
+    # An empty valid list must be an explicit choice: a message that decodes as empty must not
+    # release every attachment of the node (c-existing is recorded; etcd must stay unchanged).
+    case(
+        "coild-gc-empty-message",
+        "coild",
+        raw_call("coild", "GarbageCollect", b""),
+        "INVALID_ARGUMENT",
+        "valid_list_complete",
+    ),
+    case(
+        "coild-gc-field-of-the-wrong-wire-type",
+        "coild",
+        raw_call("coild", "GarbageCollect", b"\x08\x01"),
+        "INVALID_ARGUMENT",
+        "valid_list_complete",
+    ),
+    case(
+        "coild-gc-braces",
+        "coild",
+        raw_call("coild", "GarbageCollect", b"{}"),
+        "INVALID_ARGUMENT",
+        "GarbageCollect",
+    ),
+    case(
+        "coild-gc-list-without-mark",
+        "coild",
+        agent_call(
+            "GarbageCollect",
+            N.GarbageCollectRequest(valid_attachments=[GOOD_ATTACHMENT]),
+        ),
+        "INVALID_ARGUMENT",
+        "valid_list_complete",
+    ),
+    # Malformed protobuf is the caller's mistake, not an internal error.
+    case(
+        "coild-malformed-protobuf",
+        "coild",
+        raw_call("coild", "Allocate", b"\x0a\xff\xff"),
+        "INVALID_ARGUMENT",
+        "Allocate",
+        "not a valid protobuf message",
+    ),
+    case(
+        "alloc-malformed-protobuf",
+        "allocator",
+        raw_call("allocator", "RecordAllocations", b"\x12\x05\x0a"),
+        "INVALID_ARGUMENT",
+        "RecordAllocations",
+        "not a valid protobuf message",
+    ),
+    # A 10 KB input is quoted cut short, so the status still fits its trailer.
+    case(
+        "coild-container-id-10kb",
+        "coild",
+        agent_call(
+            "Allocate",
+            N.AllocateRequest(attachment=N.Attachment(container_id="x" * 10_000, interface="e")),
+        ),
+        "INVALID_ARGUMENT",
+        "container ID",
+        "(10000 characters)",
+    ),
+    case(
+        "coild-requested-address-10kb",
+        "coild",
+        agent_call(
+            "Allocate",
+            N.AllocateRequest(attachment=GOOD_ATTACHMENT, requested_addresses=["9" * 10_000]),
+        ),
+        "INVALID_ARGUMENT",
+        "not an IP address",
+        "(10000 characters)",
+    ),
+    case(
+        "alloc-pool-name-10kb",
+        "allocator",
+        allocator_call("DeletePool", A.DeletePoolRequest(name="p" * 10_000)),
+        "INVALID_ARGUMENT",
+        "not a valid namespace name",
+    ),
+    # Names: the lengths Kubernetes allows, and the interface names Linux (and the plugin) allow.
+    case(
+        "coild-pod-name-1mb",
+        "coild",
+        agent_call(
+            "Allocate",
+            N.AllocateRequest(attachment=GOOD_ATTACHMENT, pod="p" * 1_000_000),
+        ),
+        "INVALID_ARGUMENT",
+        "pod name",
+        "more than 253",
+    ),
+    case(
+        "coild-namespace-64-chars",
+        "coild",
+        agent_call(
+            "Allocate",
+            N.AllocateRequest(attachment=GOOD_ATTACHMENT, namespace="n" * 64),
+        ),
+        "INVALID_ARGUMENT",
+        "namespace",
+        "more than 63",
+    ),
+    *(
+        case(
+            f"coild-interface-{label}",
+            "coild",
+            agent_call(
+                "Allocate",
+                N.AllocateRequest(attachment=N.Attachment(container_id=CONTAINER, interface=name)),
+            ),
+            "INVALID_ARGUMENT",
+            "not a valid interface name",
+        )
+        for label, name in [
+            ("dot", "."),
+            ("dot-dot", ".."),
+            ("nul", "e\0th"),
+            ("60-byte-emoji", "\U0001f600" * 15),
+            ("16-bytes-of-utf8", "\u00e9" * 8),
+        ]
     ),
     # --- the allocator's AllocatorService ---
     case(

@@ -621,6 +621,7 @@ def test_gc_with_no_valid_attachments_sends_empty_list(launcher: str, fake: Fake
     assert run(launcher, "GC", conf).rc == 0
     [(_, request)] = fake.agent.requests
     assert list(request.valid_attachments) == []
+    assert request.valid_list_complete  # coild refuses a GC without it
 
 
 def test_gc_request_over_coilds_message_limit_is_invalid_config(launcher: str, fake: Fake) -> None:

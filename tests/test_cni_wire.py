@@ -44,6 +44,8 @@ def test_attachment_requests(cid: str, ifname: str) -> None:
 def test_gc_request(valid: list[tuple[str, str]]) -> None:
     got = pb.GarbageCollectRequest.FromString(wire.gc_request(valid))
     assert [(a.container_id, a.interface) for a in got.valid_attachments] == valid
+    # The CNI GC always carries the complete list, even an empty one, and says so.
+    assert got.valid_list_complete
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

@@ -1,6 +1,6 @@
 """Faults under load: etcd members, allocator replicas and node agents killed with SIGKILL while
-thousands of CNI operations run, etcd gone altogether, and an allocator killed in the middle of a
-burst of block claims.
+thousands of CNI operations run, etcd gone altogether, an allocator killed in the middle of a
+burst of block claims, and etcd's quorum lost (both followers stopped) while ADDs are in flight.
 
 Every pod operation goes through the installed CNI plugin, exec'd directly as IPAM (no main
 plugin) in the host namespace; coild runs in node namespaces this module creates ("coilt-...")
@@ -723,3 +723,103 @@ def test_block_claims_cut_off_by_allocator_crash(
         )
     finally:
         allocator.kill()
+
+
+# -- 4. quorum lost while ADDs are in flight ---------------------------------------------------
+
+
+def test_quorum_loss_during_adds_leaks_nothing(plugin: Path, tmp_path: Path) -> None:
+    """Both followers of a 3-member etcd are stopped (SIGSTOP) while ADDs are in flight: the
+    leader keeps their transactions pending, coild's record calls time out and the ADDs fail
+    with 11; the followers come back within the (long) election timeout and the pending
+    transactions commit late. After every pod is deleted, no record may be left.
+
+    Regression: coild forgot the attachments of the failed ADDs, so their DELs answered success
+    without telling the allocator and the late records stayed for good."""
+    pods = 12
+    with contextlib.ExitStack() as stack:
+        cluster = start_etcd_cluster(
+            3,
+            name="coil-q",
+            extra_args=("--heartbeat-interval", "500", "--election-timeout", "10000"),
+        )
+        stack.callback(cluster.stop)
+        leader = cluster.wait_healthy(60)
+        followers = [m for m in cluster.members if m is not leader]
+        for m in followers:
+            stack.callback(m.resume)  # before stop(): a stopped member must not stay stopped
+        addr = f"unix:{tmp_path}/allocator.sock"
+        # Only the leader: the allocator must not wait on a stopped member.
+        allocator = start_allocator(
+            leader.endpoint, "/coil-quorum/", addr, tmp_path / "allocator.log"
+        )
+        stack.callback(allocator.kill)
+        stub = allocator_stub(addr)
+        stub.CreatePool(
+            apb.CreatePoolRequest(name="default", subnets=["10.64.0.0/24"], block_size_bits=5),
+            timeout=10,
+        )
+        ns = node_namespace(stack)
+        socket = tmp_path / "coild.sock"
+        # coild gives up on the allocator before the allocator gives up on etcd: the record
+        # is still pending in etcd when coild answers.
+        coild = start_coild(
+            ns, "node-q", addr, socket, tmp_path / "coild.log", ["--allocator-timeout", "2"]
+        )
+        stack.callback(coild.kill)
+        warm = cni(plugin, "ADD", socket, uuid.uuid4().hex, cni_args("default", "warm"))
+        assert warm.rc == 0, warm.out  # the block is claimed before quorum is lost
+        ids = {f"q{i}": uuid.uuid4().hex for i in range(pods)}
+
+        for m in followers:
+            m.pause()
+        try:
+            with ThreadPoolExecutor(pods) as pool:
+                answers = dict(
+                    zip(
+                        ids,
+                        pool.map(
+                            lambda pod: cni(
+                                plugin, "ADD", socket, ids[pod], cni_args("default", pod)
+                            ),
+                            ids,
+                        ),
+                        strict=True,
+                    )
+                )
+        finally:
+            for m in followers:
+                m.resume()
+        failed = [pod for pod, a in answers.items() if a.rc != 0]
+        assert failed, "no ADD failed while quorum was lost"
+        assert all(answers[pod].code == TRY_AGAIN for pod in failed), {
+            pod: answers[pod].out for pod in failed
+        }
+        cluster.wait_healthy(60)
+
+        def records() -> list[Any]:
+            request = apb.ListNodeBlocksRequest(node="node-q", with_records=True)
+            return list(stub.ListNodeBlocks(request, timeout=10).records)
+
+        # The pending transactions commit once the followers are back.
+        late = wait_until(
+            "late commits",
+            lambda: len(records()) > 1 + pods - len(failed) and records(),
+            timeout=30,
+        )
+        # The runtime deletes every pod: the failed ones (as kubelet does after a failed ADD)
+        # and the others; a DEL answered 11 is retried.
+        for pod, cid in ids.items():
+            for _ in range(MAX_TRIES):
+                gone = cni(plugin, "DEL", socket, cid, cni_args("default", pod))
+                if gone.rc == 0:
+                    break
+                assert gone.code == TRY_AGAIN, gone.out
+                time.sleep(RETRY_SLEEP)
+            assert gone.rc == 0, gone.out
+        left = [r for r in records() if r.owner.pod != "warm"]
+        assert left == [], f"leaked records: {[(r.address, r.owner.pod) for r in left]}"
+        print(
+            f"\n{len(failed)} of {pods} ADDs failed with 11 during the quorum loss; "
+            f"{len(late) - 1} records committed; 0 leaked after the DELs"
+        )

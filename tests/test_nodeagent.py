@@ -27,6 +27,7 @@ from coil_allocator.allocator import Allocator
 from coil_allocator.servicer import serve as serve_allocator
 from coil_core.blocks import Address, Network
 from coil_core.model import Family, Owner, RecordOutcome, RecordRequest
+from coil_grpc.status import status_of as status_of_error
 from coild.agent import AgentConfig, AllocateRequest, NodeAgent, NoEvents, PodAddress
 from coild.allocator_client import AllocatorClient
 from coild.errors import (
@@ -36,6 +37,8 @@ from coild.errors import (
     InvalidRequest,
     NoPool,
     NotHeld,
+    RouteError,
+    RoutesNotReady,
 )
 from coild.server import serve as serve_agent
 from tests.conftest import snapshot
@@ -101,6 +104,7 @@ def make_agent(allocator_addr: str) -> Iterator[AgentFactory]:
         wait: bool = True,
         clock: Callable[[], float] | None = None,
         timeout: float = 2.0,
+        routes: Any = None,
         **config: Any,
     ) -> NodeAgent:
         settings: dict[str, Any] = {
@@ -113,7 +117,7 @@ def make_agent(allocator_addr: str) -> Iterator[AgentFactory]:
         agent = NodeAgent(
             AgentConfig(node=node, **settings),
             client,
-            RecordingRoutes(),
+            routes or RecordingRoutes(),
             clock=clock or started_clock(),
         )
         made.append((agent, client))
@@ -233,6 +237,28 @@ def test_namespace_pool_then_default_then_no_pool(
     assert owner_in_etcd(allocator, b.address) == Owner("team-b", "pod-c2", "c2", "eth0")
 
 
+def test_a_burst_just_after_its_namespace_pool_is_created_gets_that_pool(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """Regression: the first pod marked the namespace as looked up before its refresh ended,
+    so the pods racing it fell through to "default"."""
+    allocator.create_pool("default", ["10.23.0.0/24"], 3)
+    agent = make_agent()
+    allocator.create_pool("team-new", ["10.24.0.0/24"], 3)
+    n = 20
+    barrier = threading.Barrier(n)
+
+    def allocate(i: int) -> list[PodAddress]:
+        barrier.wait(timeout=10)
+        return agent.allocate(request(f"burst{i}", "team-new"))
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        answers = list(pool.map(allocate, range(n)))
+    pools = Counter(a.pool for got in answers for a in got)
+    assert pools == Counter({"team-new": n})
+    assert all(a.address in ipaddress.ip_network("10.24.0.0/24") for got in answers for a in got)
+
+
 def test_no_pool_names_the_namespace(allocator: Allocator, make_agent: AgentFactory) -> None:
     allocator.create_pool("team-a", ["10.22.0.0/24"], 3)
     agent = make_agent()
@@ -243,6 +269,33 @@ def test_no_pool_names_the_namespace(allocator: Allocator, make_agent: AgentFact
     assert agent.allocate(request("c2", "team-a"))[0].pool == "team-a"
     with pytest.raises(NotHeld):
         agent.check("c1", "eth0")
+
+
+def test_the_same_attachment_on_a_second_node_is_a_conflict(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """Regression: the second node took the record of the first node's block as its own (both
+    pods got one address) and its DEL "succeeded" while freeing nothing."""
+    allocator.create_pool("default", ["10.25.0.0/24"], 3)
+    first, second = make_agent(NODE), make_agent(OTHER)
+    (held,) = first.allocate(request("twin"))
+    with pytest.raises(InvalidRequest, match=f'"{held.address}" on node "{NODE}"'):
+        second.allocate(request("twin"))
+    with pytest.raises(NotHeld):
+        second.check("twin", "eth0")
+    assert second.release("twin", "eth0") == []
+    # The first node's record is untouched, and the second node recorded nothing.
+    assert records_of(allocator, NODE) == {
+        held.address: Owner("default", "pod-twin", "twin", "eth0")
+    }
+    assert records_of(allocator, OTHER) == {}
+    assert first.check("twin", "eth0")[0].address == held.address
+    # Once the first node lets it go, the second may have it.
+    assert first.release("twin", "eth0") == [held.address]
+    (moved,) = second.allocate(request("twin"))
+    assert records_of(allocator, OTHER) == {
+        moved.address: Owner("default", "pod-twin", "twin", "eth0")
+    }
 
 
 # -- static addresses -----------------------------------------------------------------------
@@ -562,6 +615,44 @@ def test_routes_follow_claims_in_the_background(
 
 
 # -- restart --------------------------------------------------------------------------------
+
+
+class UnwritableRoutes(RecordingRoutes):
+    """A route sink that can read the table but not write it while `writable` is false, as
+    coild without CAP_NET_ADMIN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writable = False
+
+    def sync(self, desired: set[Network]) -> None:
+        if desired != self.desired and not self.writable:
+            raise RouteError(
+                f"table 119: writing {sorted(map(str, desired))}: Operation not permitted"
+            )
+        super().sync(desired)
+
+
+def test_no_address_is_handed_out_of_a_block_whose_route_cannot_be_written(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """Regression: the claim's route write failed, was logged, and the ADD succeeded anyway:
+    the pod got an address no route led to (docs/coild.md: the route exists before the claim
+    returns)."""
+    allocator.create_pool("default", ["10.26.0.0/24"], 3)
+    routes = UnwritableRoutes()
+    agent = make_agent(routes=routes)
+    for attempt in ("first", "again"):
+        with pytest.raises(RoutesNotReady, match="routes cannot be written") as raised:
+            agent.allocate(request(attempt))
+        assert status_of_error(raised.value) == grpc.StatusCode.UNAVAILABLE
+        assert records_of(allocator) == {}
+    # The failure is "try again later" (UNAVAILABLE, CNI 11), and it is: once routes can be
+    # written, the same pods get addresses whose block is routed.
+    routes.writable = True
+    (got,) = agent.allocate(request("again"))
+    assert any(got.address in block for block in routes_of(agent))
+    assert routes_of(agent) == held_blocks(allocator)
 
 
 def test_restart_rebuilds_blocks_and_attachments_from_the_allocator(
@@ -890,7 +981,9 @@ def test_grpc_status_codes(
     again = stub.Release(pb.ReleaseRequest(attachment=attachment("c0")), timeout=10)
     assert list(again.addresses) == []
     collected = stub.GarbageCollect(
-        pb.GarbageCollectRequest(valid_attachments=[attachment("c1"), attachment("c2")]),
+        pb.GarbageCollectRequest(
+            valid_attachments=[attachment("c1"), attachment("c2")], valid_list_complete=True
+        ),
         timeout=10,
     )
     assert {a.container_id for a in collected.released} == {"c3", "c4"}
@@ -905,6 +998,29 @@ def test_grpc_status_codes(
     ]:
         got, details = status_of(call, message)
         assert got == grpc.StatusCode.UNAVAILABLE, details
+
+
+def test_malformed_protobuf_is_invalid_argument_with_one_log_line(
+    allocator: Allocator,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_agent: AgentFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: gRPC answered INTERNAL and logged a traceback for every such request."""
+    path = str(tmp_path_factory.mktemp("coild") / "coild.sock")
+    server = serve_agent(make_agent(), path, workers=2)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            call = channel.unary_unary("/coil.v1.NodeAgentService/Allocate")
+            caplog.clear()
+            with pytest.raises(grpc.RpcError) as raised:
+                call(b"\x0a\xff\xff", timeout=10)
+    finally:
+        server.stop(grace=None).wait()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    logged = [r for r in caplog.records if r.levelno >= 30]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].exc_info is None and "Allocate" in logged[0].getMessage()
 
 
 def test_reconcile_catches_up_with_changes_made_elsewhere(

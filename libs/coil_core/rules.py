@@ -43,7 +43,9 @@ def validate_pool_name(name: str, op: str) -> str:
         reason = "starts or ends with '-'"
     else:
         return name
-    raise InvalidArgument(f'{op} "{name}": not a valid namespace name: {reason} ({_DNS1123_RULE})')
+    raise InvalidArgument(
+        f"{op} {quoted(name)}: not a valid namespace name: {reason} ({_DNS1123_RULE})"
+    )
 
 
 def parse_subnet(text: str, op: str) -> Network:
@@ -97,7 +99,11 @@ def _is_address(text: str) -> bool:
 
 
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
-_INTERFACE = re.compile(r"[^/\s:]{1,15}")
+MAX_INTERFACE_BYTES = 15  # IFNAMSIZ - 1
+MAX_NAMESPACE_LENGTH = 63  # a Kubernetes namespace name is a DNS-1123 label
+MAX_POD_NAME_LENGTH = 253  # a Kubernetes pod name is a DNS-1123 subdomain
+QUOTE_LIMIT = 80
+"""Characters of an input an error message quotes; the rest is cut (`quoted`)."""
 _NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?")
 
 
@@ -105,7 +111,7 @@ def validate_node_name(node: str, op: str) -> str:
     """Return `node` if it is a valid node name (DNS-1123 subdomain); else InvalidArgument."""
     if not _NODE_NAME.fullmatch(node or ""):
         raise InvalidArgument(
-            f'{op} node "{node}": not a valid node name (lowercase a-z, 0-9, "-" and ".", '
+            f'{op} node {quoted(node)}: not a valid node name (lowercase a-z, 0-9, "-" and ".", '
             "starting and ending with a letter or digit, at most 253 characters)"
         )
     return node
@@ -114,11 +120,38 @@ def validate_node_name(node: str, op: str) -> str:
 def parse_address(text: str, op: str) -> Address:
     """Parse a bare IP address ("10.0.0.5", "fd00::5"); InvalidArgument if it is not one."""
     if "%" in text:
-        raise InvalidArgument(f'{op} "{text}": a scoped (link-local) address cannot be allocated')
+        raise InvalidArgument(
+            f"{op} {quoted(text)}: a scoped (link-local) address cannot be allocated"
+        )
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise InvalidArgument(f'{op} "{text}": not an IP address') from None
+        raise InvalidArgument(f"{op} {quoted(text)}: not an IP address") from None
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` in double quotes for an error message, cut after ``limit`` characters with a
+    note of its full length (an error quoting a 10 KB input must still fit a status trailer)."""
+    if len(text) <= limit:
+        return f'"{text}"'
+    return f'"{text[:limit]}..." ({len(text)} characters)'
+
+
+def valid_interface(name: str) -> bool:
+    """Whether Linux accepts ``name`` for an interface (what its ``dev_valid_name`` checks):
+    1-15 bytes of printable UTF-8, not "." or "..", without "/", ":" or whitespace. The CNI
+    plugin applies the same rule to CNI_IFNAME."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        return False
+    return (
+        0 < size <= MAX_INTERFACE_BYTES
+        and name.isprintable()
+        and name not in (".", "..")
+        and not any(c in name for c in "/:")
+        and not any(c.isspace() for c in name)
+    )
 
 
 def validate_attachment(container_id: str, interface: str, op: str) -> None:
@@ -126,15 +159,35 @@ def validate_attachment(container_id: str, interface: str, op: str) -> None:
 
     Raises:
         InvalidArgument: the container ID is not 1-255 letters, digits, '_', '.' and '-'
-            starting with a letter or digit, or the interface is not 1-15 characters without
-            "/", ":" or spaces.
+            starting with a letter or digit, or the interface is not a name Linux accepts
+            (`valid_interface`).
     """
     if not _CONTAINER_ID.fullmatch(container_id):
         raise InvalidArgument(
-            f'{op} container ID "{container_id}": must be 1-255 characters of '
+            f"{op} container ID {quoted(container_id)}: must be 1-255 characters of "
             "letters, digits, '_', '.' and '-', starting with a letter or digit"
         )
-    if not _INTERFACE.fullmatch(interface):
+    if not valid_interface(interface):
         raise InvalidArgument(
-            f'{op} interface "{interface}": must be 1-15 characters without "/", ":" or spaces'
+            f"{op} interface {quoted(interface)}: not a valid interface name (1-15 bytes of "
+            'printable UTF-8, not "." or "..", without "/", ":" or whitespace)'
+        )
+
+
+def validate_pod(namespace: str, pod: str, op: str) -> None:
+    """Check the pod an attachment belongs to: only the lengths Kubernetes allows (a namespace
+    of at most 63 characters, a pod name of at most 253), so one huge name cannot fail the
+    batch it is recorded in.
+
+    Raises:
+        InvalidArgument: a name is longer than that.
+    """
+    if len(namespace) > MAX_NAMESPACE_LENGTH:
+        raise InvalidArgument(
+            f"{op} namespace {quoted(namespace)}: {len(namespace)} characters, more than "
+            f"{MAX_NAMESPACE_LENGTH}"
+        )
+    if len(pod) > MAX_POD_NAME_LENGTH:
+        raise InvalidArgument(
+            f"{op} pod name {quoted(pod)}: {len(pod)} characters, more than {MAX_POD_NAME_LENGTH}"
         )

@@ -4,8 +4,11 @@
 subclass those classes, so the same table serves it. `ErrorsToStatus` is the server interceptor
 that applies it to every unary call of one service: a `CoilError` aborts the call with its status
 and message; any other exception is logged with its traceback and aborts with INTERNAL and a
-message that points at the service's log. Every call's method, status name and duration go to an
-observer (the services' metrics) on the way out.
+message that points at the service's log. A request that does not decode as its message aborts
+with INVALID_ARGUMENT and one log line (gRPC itself would answer INTERNAL and log a traceback
+per request). Messages are cut to `MAX_MESSAGE` characters, so an error quoting a huge input
+still fits the status trailer. Every call's method, status name and duration go to an observer
+(the services' metrics) on the way out.
 """
 
 from __future__ import annotations
@@ -30,8 +33,28 @@ STATUS_OF: dict[type[errors.CoilError], grpc.StatusCode] = {
     errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
+MAX_MESSAGE = 1024
+"""Characters of an error message sent in the status; the rest is cut (gRPC's trailers are
+limited to 8 KiB, and a cut message is better than RESOURCE_EXHAUSTED in its place)."""
+
 Observer = Callable[[str, str, float], None]
 """Called once per call with the method name (``"ClaimBlock"``), the status name and seconds."""
+
+
+class _Undecodable:
+    """What the deserializer hands the handler for a request that is not a valid message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def cut(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message``, or its first ``limit`` characters and a note of how many were cut."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... ({len(message) - limit} more characters cut)"
 
 
 def status_of(error: errors.CoilError) -> grpc.StatusCode:
@@ -74,8 +97,26 @@ class ErrorsToStatus(grpc.ServerInterceptor):
         method = full[len(self._prefix) :]
         inner = handler.unary_unary
         log, unexpected, observe = self._log, self._unexpected, self._observe
+        deserialize = handler.request_deserializer
+
+        def decode(data: bytes) -> Any:
+            if deserialize is None:
+                return data
+            try:
+                return deserialize(data)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's
+                return _Undecodable(f"{type(e).__name__}: {e}")
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                reason = cut(request.reason, 200)
+                log.warning("%s: undecodable request: %s", method, reason)
+                if observe is not None:
+                    observe(method, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{method}: the request is not a valid protobuf message ({reason})",
+                )
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -83,8 +124,8 @@ class ErrorsToStatus(grpc.ServerInterceptor):
             except errors.CoilError as e:
                 code = status_of(e)
                 if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                    log.warning("%s failed: %s", method, e)
-                context.abort(code, str(e))
+                    log.warning("%s failed: %s", method, cut(str(e)))
+                context.abort(code, cut(str(e)))
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed unexpectedly", method)
@@ -95,6 +136,6 @@ class ErrorsToStatus(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=decode,
             response_serializer=handler.response_serializer,
         )

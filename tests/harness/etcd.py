@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -111,6 +112,7 @@ class EtcdMember:
     peer_port: int
     data_dir: str
     initial_cluster: str
+    extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -147,10 +149,23 @@ class EtcdMember:
             "error",
             "--quota-backend-bytes",
             str(4 * 1024**3),
+            *self.extra_args,
         ]
         log = open(os.path.join(self.data_dir, "etcd.log"), "ab")  # noqa: SIM115 - the child's
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+
+    def pause(self) -> None:
+        """SIGSTOP: the member stops answering (its peers and clients time out) but keeps its
+        state; `resume` lets it carry on."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """kill -9; the data directory stays."""
@@ -177,20 +192,23 @@ class EtcdCluster:
         live = [m.endpoint for m in self.members if m.alive()]
         if not live:
             return []
-        proc = subprocess.run(
-            [
-                etcdctl_binary(),
-                f"--endpoints={','.join(live)}",
-                "--command-timeout=2s",
-                "endpoint",
-                "status",
-                "-w",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        try:
+            proc = subprocess.run(
+                [
+                    etcdctl_binary(),
+                    f"--endpoints={','.join(live)}",
+                    "--command-timeout=2s",
+                    "endpoint",
+                    "status",
+                    "-w",
+                    "json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return []  # members without a leader yet (a long election timeout) do not answer
         try:
             return list(json.loads(proc.stdout)) if proc.stdout.strip() else []
         except json.JSONDecodeError:
@@ -237,11 +255,14 @@ def etcdctl_binary() -> str:
     return found
 
 
-def start_etcd_cluster(n: int = 3, name: str = "coil-m", timeout: float = 30) -> EtcdCluster:
+def start_etcd_cluster(
+    n: int = 3, name: str = "coil-m", timeout: float = 30, extra_args: tuple[str, ...] = ()
+) -> EtcdCluster:
     """Start an n-member etcd cluster on free loopback ports; wait until it has a leader.
 
     Each member keeps its data directory under one temporary base, so a member killed with
-    `kill()` comes back as itself with `start()`."""
+    `kill()` comes back as itself with `start()`. ``extra_args`` go to every member (for
+    example a long ``--election-timeout``)."""
     base = tempfile.mkdtemp(prefix="coil-etcdc-")
     ports = [(free_port(), free_port()) for _ in range(n)]
     initial = ",".join(f"{name}{i}=http://127.0.0.1:{p}" for i, (_, p) in enumerate(ports))
@@ -249,7 +270,7 @@ def start_etcd_cluster(n: int = 3, name: str = "coil-m", timeout: float = 30) ->
     for i, (client, peer) in enumerate(ports):
         d = os.path.join(base, f"{name}{i}")
         os.makedirs(d)
-        members.append(EtcdMember(f"{name}{i}", client, peer, d, initial))
+        members.append(EtcdMember(f"{name}{i}", client, peer, d, initial, extra_args))
     cluster = EtcdCluster(members, base)
     try:
         for m in members:

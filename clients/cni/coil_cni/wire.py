@@ -18,11 +18,13 @@ ALLOCATE_POD = 3
 ALLOCATE_REQUESTED = 4
 REQUEST_ATTACHMENT = 1  # ReleaseRequest, CheckRequest
 GC_VALID = 1
+GC_VALID_LIST_COMPLETE = 2
 RESPONSE_ADDRESSES = 1  # AllocateResponse, CheckResponse
 POD_ADDRESS_ADDRESS = 1
 POD_ADDRESS_GATEWAY = 2
 POD_ADDRESS_POOL = 3
 
+_VARINT_WIRE = 0  # wire type of integers and booleans
 _LEN = 2  # wire type of strings and embedded messages
 
 
@@ -68,7 +70,13 @@ def attachment_request(container_id: str, interface: str) -> bytes:
 
 
 def gc_request(valid: list[tuple[str, str]]) -> bytes:
-    return b"".join(_field(GC_VALID, attachment(c, i)) for c, i in valid)
+    """GarbageCollectRequest: CNI GC always carries the complete valid list, so it says so
+    (coild refuses a GC without that mark)."""
+    return (
+        b"".join(_field(GC_VALID, attachment(c, i)) for c, i in valid)
+        + _varint(GC_VALID_LIST_COMPLETE << 3 | _VARINT_WIRE)
+        + _varint(1)
+    )
 
 
 _VARINT, _I64, _START_GROUP, _END_GROUP, _I32 = 0, 1, 3, 4, 5

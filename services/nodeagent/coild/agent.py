@@ -45,6 +45,7 @@ from coild.errors import (
     NodeAgentError,
     NoPool,
     NotHeld,
+    RoutesNotReady,
 )
 from coild.state import Allocation, Attachment, AttachmentKey, NodeBlock, NodeState
 
@@ -170,11 +171,13 @@ class NodeAgent:
         self._pools: dict[str, Pool] = {}
         self._pools_at = -1e9
         self._namespaces_checked: dict[str, float] = {}
+        self._namespace_lookup = threading.Lock()  # one pool look-up at a time; others wait
         self._claim_locks: dict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
         self._routes_lock = threading.Lock()
         self._routes_dirty = threading.Event()
         self.ready = threading.Event()
         self.routes_synced = False
+        self.routes_error = ""
         self.allocator_ok = False
         self._stop = threading.Event()
         self._records = GroupCommitter(
@@ -382,16 +385,30 @@ class NodeAgent:
         )
 
     def sync_routes(self) -> None:
-        """Make the kernel table hold exactly this node's blocks."""
+        """Make the kernel table hold exactly this node's blocks (a failure is logged, and
+        leaves `routes_synced` false and its reason in `routes_error`)."""
         with self._lock:
             desired = self.state.routes()
         with self._routes_lock:
             try:
                 self.routes.sync(desired)
                 self.routes_synced = True
+                self.routes_error = ""
             except NodeAgentError as e:
                 self.routes_synced = False
+                self.routes_error = str(e)
                 log.error("route sync failed: %s", e)
+
+    def _require_routes(self, op: str) -> None:
+        """Sync the routes if the last sync failed; RoutesNotReady if they still cannot be
+        written, so no pod gets an address of a block whose route is missing."""
+        if not self.routes_synced:
+            self.sync_routes()
+        if not self.routes_synced:
+            raise RoutesNotReady(
+                f"{op}: the node's block routes cannot be written to table "
+                f"{self.config.table} ({self.routes_error}); try again"
+            )
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -413,18 +430,23 @@ class NodeAgent:
         A namespace without a pool of its own in the cached list is looked up again at most
         once a second per namespace, so a pool created just before its namespace's first pod
         is seen, and pods of namespaces without a pool do not ask the allocator every time.
+        Concurrent callers wait for the look-up in flight and use its answer: none falls
+        through to "default" while the namespace's own pool is still being read.
         """
         if namespace not in self._pools:
-            now = self._clock()
-            if now - self._namespaces_checked.get(namespace, -1e9) >= 1.0:
-                if len(self._namespaces_checked) > 10_000:
-                    self._namespaces_checked.clear()
-                self._namespaces_checked[namespace] = now
-                try:
-                    self._refresh_pools()
-                except AllocatorUnavailable:
-                    if not self._pools:
-                        raise
+            with self._namespace_lookup:
+                now = self._clock()
+                checked = self._namespaces_checked.get(namespace, -1e9)
+                if namespace not in self._pools and now - checked >= 1.0:
+                    if len(self._namespaces_checked) > 10_000:
+                        self._namespaces_checked.clear()
+                    try:
+                        self._refresh_pools()
+                    except AllocatorUnavailable:
+                        if not self._pools:
+                            raise
+                    finally:
+                        self._namespaces_checked[namespace] = self._clock()
         pool = self._pools.get(namespace) or self._pools.get("default")
         if pool is None:
             raise NoPool(
@@ -451,7 +473,12 @@ class NodeAgent:
         existing = self._existing(key)
         if existing is not None:
             return self._pod_addresses(existing)
+        if self._uncertain(key) is not None:
+            # An earlier ADD of this attachment failed with its outcome unknown: give back
+            # what it may have recorded before starting again.
+            self.release(request.container_id, request.interface)
         pool = self.pool_for(request.namespace)
+        self._require_routes(f"allocate {request.container_id}/{request.interface}")
         targets: list[tuple[int, Address | None]]
         if request.requested:
             targets = []
@@ -493,7 +520,18 @@ class NodeAgent:
         except BaseException:
             with self._lock:
                 attachment.failed = True
-                self.state.attachments.pop(key, None)
+                if attachment.allocations:
+                    # Addresses whose records may still commit: keep them, to release later.
+                    attachment.uncertain = True
+                    log.warning(
+                        "allocate %s/%s failed with its outcome unknown; %s kept in doubt "
+                        "until its DEL",
+                        request.container_id,
+                        request.interface,
+                        ", ".join(str(a.address) for a in attachment.allocations),
+                    )
+                else:
+                    self.state.attachments.pop(key, None)
             attachment.done.set()
             raise
         with self._lock:
@@ -507,6 +545,12 @@ class NodeAgent:
             raise AllocatorUnavailable(
                 "coild is starting: its state is not rebuilt from the allocator yet"
             )
+
+    def _uncertain(self, key: AttachmentKey) -> Attachment | None:
+        """The attachment if an allocation of it failed with addresses in doubt, else None."""
+        with self._lock:
+            attachment = self.state.attachments.get(key)
+        return attachment if attachment is not None and attachment.uncertain else None
 
     def _existing(self, key: AttachmentKey) -> Attachment | None:
         with self._lock:
@@ -532,6 +576,7 @@ class NodeAgent:
     ) -> list[Allocation]:
         """Choose, record, and on stale choices choose again; all families or none."""
         done: dict[int, Allocation] = {}
+        doubtful: list[Allocation] = []
         pending = list(targets)
         try:
             for _ in range(MAX_ALLOCATE_ROUNDS):
@@ -558,7 +603,11 @@ class NodeAgent:
                     try:
                         result = future.result()
                     except NodeAgentError as e:
-                        self._unreserve(pool.name, address)
+                        if _outcome_unknown(e):
+                            # The record may commit after all: keep the address used.
+                            doubtful.append(Allocation(address, pool.name, block.cidr))
+                        else:
+                            self._unreserve(pool.name, address)
                         first_error = first_error or e
                         continue
                     settled = self._settle(pool, block, address, want, result)
@@ -578,8 +627,12 @@ class NodeAgent:
                 )
         except BaseException:
             # Half-done: give back what was recorded, so a failed family leaves nothing behind.
+            # What may be recorded (doubtful, or a release that failed) stays on the attachment.
+            with self._lock:
+                attachment.allocations = list(done.values()) + doubtful
             if done:
-                self._release_allocations(attachment, list(done.values()))
+                with contextlib.suppress(NodeAgentError):
+                    self._release_allocations(attachment, list(done.values()))
             raise
         return [done[f] for f, _ in targets]
 
@@ -608,9 +661,20 @@ class NodeAgent:
         if outcome is RecordOutcome.RECORDED:
             return Settlement(Allocation(address, pool.name, block.cidr))
         if outcome is RecordOutcome.EXISTING and result.record is not None:
-            # The attachment already held an address (a request whose answer was lost): keep it.
+            # The attachment already held an address (a request whose answer was lost): keep it,
+            # if it is this node's. One recorded by another node is a conflict: a pod here
+            # must not get an address routed to that node, nor its DEL here free it.
             self._unreserve(pool.name, address)
             existing = result.record
+            if existing.node != self.config.node:
+                return Settlement(
+                    error=InvalidRequest(
+                        f'allocate "{existing.owner.container_id}/{existing.owner.interface}": '
+                        f'this attachment already holds "{existing.address}" on node '
+                        f'"{existing.node}"; an attachment lives on one node (release it there '
+                        "first)"
+                    )
+                )
             with self._lock:
                 held = self.state.block_of(existing.pool, existing.address)
                 if held is not None and existing.address not in held.addresses:
@@ -698,6 +762,7 @@ class NodeAgent:
             )
         log.info("claimed block %s of pool %s", claimed.cidr, pool.name)
         self.sync_routes()
+        self._require_routes(f'claim in pool "{pool.name}"')
         return held
 
     def _unreserve(self, pool: str, address: Address) -> None:
@@ -707,34 +772,51 @@ class NodeAgent:
     # -- release ----------------------------------------------------------------------------
 
     def release(self, container_id: str, interface: str) -> list[Address]:
-        """Release an attachment's addresses; succeeds (with none) if it holds nothing.
+        """Release an attachment's addresses, also those of an allocation that failed with its
+        outcome unknown; succeeds (with none) if it holds nothing.
 
-        Raises AllocatorUnavailable (nothing is freed then; the runtime retries DEL).
+        Raises AllocatorUnavailable (what was not released stays held; the runtime retries DEL).
         """
         self._require_ready()
-        attachment = self._existing((container_id, interface))
+        key = (container_id, interface)
+        attachment = self._existing(key) or self._uncertain(key)
         if attachment is None:
             return []
-        self._release_allocations(attachment, attachment.allocations)
+        allocations = list(attachment.allocations)
+        self._release_allocations(attachment, allocations)
         with self._lock:
-            self.state.attachments.pop(attachment.key, None)
-        self.events.released(len(attachment.allocations))
-        return [a.address for a in attachment.allocations]
+            if self.state.attachments.get(key) is attachment:
+                self.state.attachments.pop(key)
+        self.events.released(len(allocations))
+        return [a.address for a in allocations]
 
     def _release_allocations(self, attachment: Attachment, allocations: list[Allocation]) -> None:
+        """Release `allocations` of `attachment` in the allocator; each one released (or not
+        recorded) is freed in memory and leaves `attachment.allocations`. Raises the first
+        failure once every result is in: the allocations it concerns stay on the attachment."""
         futures = [
             self._releases.submit(
                 ReleaseRequest(a.address, attachment.container_id, attachment.interface)
             )
             for a in allocations
         ]
+        first_error: NodeAgentError | None = None
         for a, future in zip(allocations, futures, strict=True):
-            result = future.result()
+            try:
+                result = future.result()
+            except NodeAgentError as e:
+                first_error = first_error or e
+                continue
             if result.outcome is ReleaseOutcome.OWNER_MISMATCH:
                 # Recorded for someone else: not ours to free in memory either.
                 log.warning("release %s: %s", a.address, result.message)
-                continue
-            self._unreserve(a.pool, a.address)
+            else:
+                self._unreserve(a.pool, a.address)
+            with self._lock:
+                if a in attachment.allocations:
+                    attachment.allocations.remove(a)
+        if first_error is not None:
+            raise first_error
 
     def check(self, container_id: str, interface: str) -> list[PodAddress]:
         """The attachment's addresses; NotHeld if it holds none."""
@@ -745,10 +827,15 @@ class NodeAgent:
         return self._pod_addresses(attachment)
 
     def garbage_collect(self, valid: set[AttachmentKey]) -> list[AttachmentKey]:
-        """Release every committed attachment not in `valid`; returns those released."""
+        """Release every committed attachment not in `valid`, and every one whose allocation
+        failed with addresses in doubt; returns those released."""
         self._require_ready()
         with self._lock:
-            stale = [a for a in self.state.committed() if a.key not in valid]
+            stale = [
+                a
+                for a in self.state.attachments.values()
+                if a.key not in valid and a.done.is_set() and (a.uncertain or not a.failed)
+            ]
         released = []
         for attachment in stale:
             self.release(attachment.container_id, attachment.interface)
@@ -790,7 +877,12 @@ class NodeAgent:
     def _return_empty(self, pool_name: str, family: int, now: float) -> None:
         with self._claim_locks[(pool_name, family)]:
             with self._lock:
-                blocks = self.state.blocks_of(pool_name, family)
+                in_doubt = [
+                    b for b in self.state.blocks_of(pool_name, family) if b.release_in_doubt
+                ]
+                blocks = [
+                    b for b in self.state.blocks_of(pool_name, family) if not b.release_in_doubt
+                ]
                 used, capacity = self.state.usage(pool_name, family)
                 candidates = [
                     b
@@ -812,18 +904,42 @@ class NodeAgent:
                     victims.append(b)
                     remaining -= 1
                     capacity = left
-            for b in victims:
-                try:
-                    self.allocator.release_block(self.config.node, b.pool, str(b.cidr))
-                except NodeAgentError as e:
-                    log.warning("return block %s: %s", b.cidr, e)
-                    with self._lock:
-                        b.retiring = False
-                    continue
+            for b in in_doubt + victims:
+                self._give_back(b)
+
+    def _give_back(self, b: NodeBlock) -> None:
+        """Release a retiring block; drop it once the allocator no longer lists it for this
+        node. A release whose outcome is unknown (timed out; it may commit later) leaves the
+        block retiring and in doubt, to be asked about again on the next pass."""
+        try:
+            self.allocator.release_block(self.config.node, b.pool, str(b.cidr))
+        except NodeAgentError as e:
+            if _outcome_unknown(e):
+                log.warning("return block %s: %s; will ask again", b.cidr, e)
                 with self._lock:
-                    self.state.drop_block(b.pool, b.cidr)
-                log.info("returned empty block %s of pool %s", b.cidr, b.pool)
-                self._routes_dirty.set()
+                    b.release_in_doubt = True
+                return
+            # Refused: perhaps because an earlier release did commit ("not held by any
+            # node"). Whether the block is still ours decides, not the refusal's wording.
+            try:
+                still_held = any(
+                    h.pool == b.pool and h.cidr == b.cidr
+                    for h in self.allocator.node_blocks(self.config.node).blocks
+                )
+            except NodeAgentError as asked:
+                log.warning("return block %s: %s; then: %s", b.cidr, e, asked)
+                with self._lock:
+                    b.release_in_doubt = True
+                return
+            if still_held:
+                log.warning("return block %s: %s", b.cidr, e)
+                with self._lock:
+                    b.retiring = b.release_in_doubt = False
+                return
+        with self._lock:
+            self.state.drop_block(b.pool, b.cidr)
+        log.info("returned empty block %s of pool %s", b.cidr, b.pool)
+        self._routes_dirty.set()
 
     # -- status -----------------------------------------------------------------------------
 
@@ -834,6 +950,13 @@ class NodeAgent:
         if not self._pools:
             raise NoPool("no pool exists: create one with coilctl pool create")
         return self.pools()
+
+
+def _outcome_unknown(error: NodeAgentError) -> bool:
+    """Whether a failed allocator call may still have taken effect: it timed out, the
+    allocator could not be reached or answered something unexpected. A definite refusal
+    (invalid, exhausted, taken, lost races) changed nothing."""
+    return isinstance(error, (AllocatorUnavailable, AllocatorRejected))
 
 
 def _records_by_block(

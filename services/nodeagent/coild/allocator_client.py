@@ -2,9 +2,11 @@
 are coil's core values (`coil_core.model`), converted by `coil_grpc.convert`: nothing generated
 leaves this module. gRPC statuses become coild's domain errors here, once (`_ERRORS`).
 
-UNAVAILABLE and DEADLINE_EXCEEDED become `AllocatorUnavailable`; RESOURCE_EXHAUSTED `Exhausted`;
-ALREADY_EXISTS `AddressTaken`; NOT_FOUND `NoPool` for pool look-ups; everything else
-`AllocatorRejected` with the allocator's message. Nothing is retried here.
+UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED become `AllocatorUnavailable`; ABORTED and
+FAILED_PRECONDITION `AllocatorConflict` (both mean "try again", CNI 11 at the plugin);
+RESOURCE_EXHAUSTED `Exhausted`; ALREADY_EXISTS `AddressTaken`; NOT_FOUND `NoPool` for pool
+look-ups; INVALID_ARGUMENT `InvalidRequest`; everything else `AllocatorRejected` with the
+allocator's message. Nothing is retried here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from coil_grpc.convert import (
 )
 from coild.errors import (
     AddressTaken,
+    AllocatorConflict,
     AllocatorRejected,
     AllocatorUnavailable,
     Exhausted,
@@ -47,13 +50,28 @@ from coild.errors import (
 T = TypeVar("T")
 
 _ERRORS: dict[grpc.StatusCode, type[NodeAgentError]] = {
+    # Outcome unknown or the allocator (or etcd) out of reach: try again.
     grpc.StatusCode.UNAVAILABLE: AllocatorUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: AllocatorUnavailable,
+    grpc.StatusCode.CANCELLED: AllocatorUnavailable,
+    # Lost races, or state that changed under the request: try again.
+    grpc.StatusCode.ABORTED: AllocatorConflict,
+    grpc.StatusCode.FAILED_PRECONDITION: AllocatorConflict,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Exhausted,
     grpc.StatusCode.ALREADY_EXISTS: AddressTaken,
     grpc.StatusCode.NOT_FOUND: NoPool,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    # Not the caller's to fix by retrying: coild's configuration, or a bug.
+    grpc.StatusCode.UNAUTHENTICATED: AllocatorRejected,
+    grpc.StatusCode.PERMISSION_DENIED: AllocatorRejected,
+    grpc.StatusCode.OUT_OF_RANGE: AllocatorRejected,
+    grpc.StatusCode.UNIMPLEMENTED: AllocatorRejected,
+    grpc.StatusCode.INTERNAL: AllocatorRejected,
+    grpc.StatusCode.UNKNOWN: AllocatorRejected,
+    grpc.StatusCode.DATA_LOSS: AllocatorRejected,
 }
+"""Every status the allocator can answer, to the coild error that carries its meaning on (and
+so, through `coil_grpc.status`, to the status coild answers the CNI plugin with)."""
 
 
 class AllocatorClient:

@@ -21,6 +21,12 @@ class RouteError(NodeAgentError, errors.Internal):
     (gRPC INTERNAL)."""
 
 
+class RoutesNotReady(NodeAgentError, errors.Unavailable):
+    """The node's block routes could not be written (no CAP_NET_ADMIN, netlink refused): no
+    address is handed out of a block whose route is missing (gRPC UNAVAILABLE; the CNI plugin
+    reports error 11, try again later)."""
+
+
 class InvalidRequest(NodeAgentError, errors.InvalidArgument):
     """The request is malformed, or a requested address cannot be used by the pod (gRPC
     INVALID_ARGUMENT)."""
@@ -48,6 +54,12 @@ class NotHeld(NodeAgentError, errors.NotFound):
 class AllocatorUnavailable(NodeAgentError, errors.Unavailable):
     """The allocator (or etcd behind it) cannot be reached or did not answer in time (gRPC
     UNAVAILABLE; the CNI plugin reports error 11, try again later)."""
+
+
+class AllocatorConflict(NodeAgentError, errors.Conflict):
+    """The allocator lost compare-and-swap races, or found that its state changed under the
+    request (a pool deleted, a block no longer held): the same request may succeed when tried
+    again (gRPC ABORTED; the CNI plugin reports error 11, try again later)."""
 
 
 class AllocatorRejected(NodeAgentError, errors.Internal):

@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     from coild.allocator_client import AllocatorClient
     from coild.observe import AgentMetrics, serve_http
     from coild.routes import RouteExporter
-    from coild.server import serve
+    from coild.server import AgentSocket, SocketError, serve
+
+    # Before anything else: a second coild on the same socket must stop here, touching nothing.
+    claim = AgentSocket(args.socket)
+    try:
+        claim.claim()
+    except SocketError as e:
+        raise SystemExit(f"coild: {e}") from None
 
     credentials = None
     if args.allocator_tls_ca or args.allocator_tls_cert:
@@ -130,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             return f"allocator at {args.allocator} unreachable"
         if not agent.routes_synced:
             return f"routes not synced to table {args.table_id}"
-        return None
+        return claim.problem()
 
     http = serve_http(args.metrics_addr, metrics.registry, readiness) if args.metrics_addr else None
     agent.start(wait=False)
-    server = serve(agent, args.socket, observe=metrics.observe_rpc)
+    server = serve(agent, args.socket, observe=metrics.observe_rpc, claim=claim)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopping")
     # Routes stay: pods keep their addresses across a coild restart.
     server.stop(grace=5).wait()
+    claim.release()
     agent.stop()
     if http:
         http.shutdown()

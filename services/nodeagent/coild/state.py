@@ -27,6 +27,9 @@ class NodeBlock:
     addresses: BlockAddresses
     claim_revision: int
     retiring: bool = False
+    release_in_doubt: bool = False
+    """Its release failed with the outcome unknown (it may have committed): hand out nothing
+    from it, and ask again until the allocator says whether it is still held."""
     empty_since: float | None = None
 
     @property
@@ -46,7 +49,12 @@ class Allocation:
 @dataclass
 class Attachment:
     """The addresses of one (container ID, interface). `done` is set once its records are
-    committed (or failed); until then a repeated request waits for it."""
+    committed (or failed); until then a repeated request waits for it.
+
+    An attachment whose allocation failed with an outcome unknown (a record call that timed
+    out may still commit) stays, `failed` and `uncertain`, with the addresses that may be
+    recorded: they stay used in memory and are released on DEL, on garbage collection, or
+    before the attachment is allocated again."""
 
     container_id: str
     interface: str
@@ -55,6 +63,7 @@ class Attachment:
     allocations: list[Allocation] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    uncertain: bool = False
 
     @property
     def key(self) -> AttachmentKey:

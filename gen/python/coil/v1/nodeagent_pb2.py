@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63oil/v1/nodeagent.proto\x12\x07\x63oil.v1\"5\n\nAttachment\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tinterface\x18\x02 \x01(\t\"<\n\nPodAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\"w\n\x0f\x41llocateRequest\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.coil.v1.Attachment\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\x1b\n\x13requested_addresses\x18\x04 \x03(\t\":\n\x10\x41llocateResponse\x12&\n\taddresses\x18\x01 \x03(\x0b\x32\x13.coil.v1.PodAddress\"9\n\x0eReleaseRequest\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.coil.v1.Attachment\"$\n\x0fReleaseResponse\x12\x11\n\taddresses\x18\x01 \x03(\t\"7\n\x0c\x43heckRequest\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.coil.v1.Attachment\"7\n\rCheckResponse\x12&\n\taddresses\x18\x01 \x03(\x0b\x32\x13.coil.v1.PodAddress\"G\n\x15GarbageCollectRequest\x12.\n\x11valid_attachments\x18\x01 \x03(\x0b\x32\x13.coil.v1.Attachment\"?\n\x16GarbageCollectResponse\x12%\n\x08released\x18\x01 \x03(\x0b\x32\x13.coil.v1.Attachment\"\x0f\n\rStatusRequest\"\x1f\n\x0eStatusResponse\x12\r\n\x05pools\x18\x01 \x03(\t2\xd7\x02\n\x10NodeAgentService\x12?\n\x08\x41llocate\x12\x18.coil.v1.AllocateRequest\x1a\x19.coil.v1.AllocateResponse\x12<\n\x07Release\x12\x17.coil.v1.ReleaseRequest\x1a\x18.coil.v1.ReleaseResponse\x12\x36\n\x05\x43heck\x12\x15.coil.v1.CheckRequest\x1a\x16.coil.v1.CheckResponse\x12Q\n\x0eGarbageCollect\x12\x1e.coil.v1.GarbageCollectRequest\x1a\x1f.coil.v1.GarbageCollectResponse\x12\x39\n\x06Status\x12\x16.coil.v1.StatusRequest\x1a\x17.coil.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63oil/v1/nodeagent.proto\x12\x07\x63oil.v1\"5\n\nAttachment\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tinterface\x18\x02 \x01(\t\"<\n\nPodAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\"w\n\x0f\x41llocateRequest\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.coil.v1.Attachment\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\x1b\n\x13requested_addresses\x18\x04 \x03(\t\":\n\x10\x41llocateResponse\x12&\n\taddresses\x18\x01 \x03(\x0b\x32\x13.coil.v1.PodAddress\"9\n\x0eReleaseRequest\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.coil.v1.Attachment\"$\n\x0fReleaseResponse\x12\x11\n\taddresses\x18\x01 \x03(\t\"7\n\x0c\x43heckRequest\x12\'\n\nattachment\x18\x01 \x01(\x0b\x32\x13.coil.v1.Attachment\"7\n\rCheckResponse\x12&\n\taddresses\x18\x01 \x03(\x0b\x32\x13.coil.v1.PodAddress\"d\n\x15GarbageCollectRequest\x12.\n\x11valid_attachments\x18\x01 \x03(\x0b\x32\x13.coil.v1.Attachment\x12\x1b\n\x13valid_list_complete\x18\x02 \x01(\x08\"?\n\x16GarbageCollectResponse\x12%\n\x08released\x18\x01 \x03(\x0b\x32\x13.coil.v1.Attachment\"\x0f\n\rStatusRequest\"\x1f\n\x0eStatusResponse\x12\r\n\x05pools\x18\x01 \x03(\t2\xd7\x02\n\x10NodeAgentService\x12?\n\x08\x41llocate\x12\x18.coil.v1.AllocateRequest\x1a\x19.coil.v1.AllocateResponse\x12<\n\x07Release\x12\x17.coil.v1.ReleaseRequest\x1a\x18.coil.v1.ReleaseResponse\x12\x36\n\x05\x43heck\x12\x15.coil.v1.CheckRequest\x1a\x16.coil.v1.CheckResponse\x12Q\n\x0eGarbageCollect\x12\x1e.coil.v1.GarbageCollectRequest\x1a\x1f.coil.v1.GarbageCollectResponse\x12\x39\n\x06Status\x12\x16.coil.v1.StatusRequest\x1a\x17.coil.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,13 +48,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKRESPONSE']._serialized_start=488
   _globals['_CHECKRESPONSE']._serialized_end=543
   _globals['_GARBAGECOLLECTREQUEST']._serialized_start=545
-  _globals['_GARBAGECOLLECTREQUEST']._serialized_end=616
-  _globals['_GARBAGECOLLECTRESPONSE']._serialized_start=618
-  _globals['_GARBAGECOLLECTRESPONSE']._serialized_end=681
-  _globals['_STATUSREQUEST']._serialized_start=683
-  _globals['_STATUSREQUEST']._serialized_end=698
-  _globals['_STATUSRESPONSE']._serialized_start=700
-  _globals['_STATUSRESPONSE']._serialized_end=731
-  _globals['_NODEAGENTSERVICE']._serialized_start=734
-  _globals['_NODEAGENTSERVICE']._serialized_end=1077
+  _globals['_GARBAGECOLLECTREQUEST']._serialized_end=645
+  _globals['_GARBAGECOLLECTRESPONSE']._serialized_start=647
+  _globals['_GARBAGECOLLECTRESPONSE']._serialized_end=710
+  _globals['_STATUSREQUEST']._serialized_start=712
+  _globals['_STATUSREQUEST']._serialized_end=727
+  _globals['_STATUSRESPONSE']._serialized_start=729
+  _globals['_STATUSRESPONSE']._serialized_end=760
+  _globals['_NODEAGENTSERVICE']._serialized_start=763
+  _globals['_NODEAGENTSERVICE']._serialized_end=1106
 # @@protoc_insertion_point(module_scope)

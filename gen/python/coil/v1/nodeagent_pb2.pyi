@@ -252,6 +252,13 @@ class GarbageCollectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VALID_ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    VALID_LIST_COMPLETE_FIELD_NUMBER: _builtins.int
+    valid_list_complete: _builtins.bool
+    """Must be true: `valid_attachments` is the complete list of the node's valid attachments
+    (possibly empty). A request without it is refused with INVALID_ARGUMENT, so a message that
+    decodes as empty (truncated, of the wrong type, or sent by mistake) never releases every
+    attachment of the node.
+    """
     @_builtins.property
     def valid_attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
         """Attachments the runtime still knows; every other attachment of this node is released."""
@@ -260,10 +267,11 @@ class GarbageCollectRequest(_message.Message):
         self,
         *,
         valid_attachments: _abc.Iterable[Global___Attachment] | None = ...,
+        valid_list_complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["valid_attachments", b"valid_attachments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["valid_attachments", b"valid_attachments", "valid_list_complete", b"valid_list_complete"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
