@@ -56,6 +56,16 @@ BAD_POOLS = [
     ("ok", ["10.1.0.128/25"], 5, errors.AlreadyExists, 'pool "default"'),
     ("default", ["10.8.0.0/24"], 5, errors.AlreadyExists, "exists"),
     ("ok", ["fd00:1::80/121"], 2, errors.AlreadyExists, "overlaps"),
+    # Ranges pods cannot use: each refused, naming the subnet and the range.
+    ("ok", ["127.0.0.0/24"], 5, errors.InvalidArgument, '"127.0.0.0/24": overlaps the loopback'),
+    ("ok", ["224.0.0.0/24"], 5, errors.InvalidArgument, '"224.0.0.0/24": overlaps the multicast'),
+    ("ok", ["169.254.0.0/24"], 5, errors.InvalidArgument, "overlaps the link-local"),
+    ("ok", ["0.0.0.0/24"], 5, errors.InvalidArgument, '"0.0.0.0/24": overlaps the unspecified'),
+    ("ok", ["0.0.0.0/0"], 5, errors.InvalidArgument, '"0.0.0.0/0": overlaps'),
+    ("ok", ["::/120"], 5, errors.InvalidArgument, '"::/120": overlaps the unspecified'),
+    ("ok", ["::ffff:10.9.0.0/120"], 5, errors.InvalidArgument, "IPv4-mapped"),
+    ("ok", ["fe80::/64"], 5, errors.InvalidArgument, '"fe80::/64": overlaps the link-local'),
+    ("ok", ["ff02::/120"], 5, errors.InvalidArgument, "overlaps the multicast"),
 ]
 
 
@@ -95,6 +105,8 @@ def test_add_subnet_rejects_overlap_and_unknown_pool(
         allocator.add_subnet("nope", "10.7.0.0/24")
     with pytest.raises(errors.InvalidArgument, match="10.7.0.0/28"):
         allocator.add_subnet("other", "10.7.0.0/28")  # smaller than one block of 2^5
+    with pytest.raises(errors.InvalidArgument, match='"127.1.0.0/24": overlaps the loopback'):
+        allocator.add_subnet("other", "127.1.0.0/24")
     assert snapshot(store, etcd_prefix) == before
 
 

@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from coil_core.errors import AlreadyExists, InvalidArgument, PoolExhausted
-from coil_core.rules import Address, Network, parse_subnet
+from coil_core.rules import Address, Network, parse_subnet, validate_subnet_scope
 
 MAX_BLOCK_BITS = 16
 """Largest block: 2**16 addresses, so that a block's records and `BlockAddresses` stay bounded."""
@@ -192,7 +192,9 @@ def reserved_addresses(subnet: Network) -> tuple[Address, ...]:
 
 
 def validate_pool_subnet(subnet: Network, op: str) -> None:
-    """Raise InvalidArgument if `subnet` is too small to serve pods (fewer than 4 addresses)."""
+    """Raise InvalidArgument if `subnet` is too small to serve pods (fewer than 4 addresses) or
+    overlaps a range pods cannot use (see `coil_core.rules.validate_subnet_scope`)."""
+    validate_subnet_scope(subnet, op)
     if subnet.num_addresses < MIN_SUBNET_ADDRESSES:
         raise InvalidArgument(
             f'{op} "{subnet}": too small; a pool subnet needs at least {MIN_SUBNET_ADDRESSES} '

@@ -96,6 +96,42 @@ def _is_address(text: str) -> bool:
     return True
 
 
+_UNUSABLE_RANGES: tuple[tuple[Network, str], ...] = tuple(
+    (ipaddress.ip_network(cidr), what)
+    for cidr, what in (
+        ("0.0.0.0/8", "the unspecified range"),
+        ("127.0.0.0/8", "the loopback range"),
+        ("169.254.0.0/16", "the link-local range"),
+        ("224.0.0.0/4", "the multicast range"),
+        ("::/128", "the unspecified address"),
+        ("::1/128", "the loopback address"),
+        ("::ffff:0:0/96", "the IPv4-mapped range (it would overlap IPv4 pools)"),
+        ("fe80::/10", "the link-local range"),
+        ("ff00::/8", "the multicast range"),
+    )
+)
+
+
+def validate_subnet_scope(subnet: Network, op: str) -> Network:
+    """Return `subnet` if pods can use its addresses: it must not overlap the unspecified,
+    loopback, link-local or multicast ranges, nor (IPv6) the IPv4-mapped range ``::ffff:0:0/96``,
+    whose addresses stand for IPv4 ones and would overlap IPv4 pools.
+
+    Raises:
+        InvalidArgument: naming the subnet and the range it overlaps.
+    """
+    for reserved, what in _UNUSABLE_RANGES:
+        if (
+            reserved.version == subnet.version
+            and int(reserved.network_address) <= int(subnet.broadcast_address)
+            and int(subnet.network_address) <= int(reserved.broadcast_address)
+        ):
+            raise InvalidArgument(
+                f'{op} "{subnet}": overlaps {what} {reserved}; pods cannot be given such addresses'
+            )
+    return subnet
+
+
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
 _INTERFACE = re.compile(r"[^/\s:]{1,15}")
 _NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?")
