@@ -41,19 +41,45 @@ from coil_core.blocks import (
 from coil_core.errors import (
     Conflict,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
 )
 from coil_core.model import (
     AllocationRecord,
     HeldBlock,
 )
-from coil_core.rules import parse_address, validate_node_name
+from coil_core.rules import parse_address, parse_subnet, validate_node_name
 
 NODE_TTL = 90
 """Seconds a node agent counts as alive after its last report (it reports every 30 s)."""
 
 STATUS_REFRESH = 300
 """A node's status key is rewritten at least this often while it reports (last-seen time)."""
+
+MAX_REPORTED_ROUTES = 4096
+"""Routes one report may carry: one per block the node holds, far more than any node needs."""
+
+MAX_CIDR_LENGTH = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128")
+
+
+def validate_routes(routes: Sequence[str], op: str) -> list[str]:
+    """The reported routes, canonical and sorted, if each is a CIDR and there are not too many.
+
+    Raises:
+        InvalidArgument: more than `MAX_REPORTED_ROUTES` routes, or one that is not a CIDR (the
+            message names its position and quotes at most its first 50 characters).
+    """
+    if len(routes) > MAX_REPORTED_ROUTES:
+        raise InvalidArgument(f"{op}: {len(routes)} routes; at most {MAX_REPORTED_ROUTES}")
+    out = set()
+    for i, text in enumerate(routes):
+        if len(text) > MAX_CIDR_LENGTH:
+            raise InvalidArgument(
+                f'{op} route #{i + 1} "{text[:50]}...": {len(text)} characters, longer than '
+                "any CIDR"
+            )
+        out.add(str(parse_subnet(text, f"{op} route #{i + 1}")))
+    return sorted(out)
 
 
 class Nodes(Part):
@@ -182,10 +208,12 @@ class Nodes(Part):
         Returns the lease to send next time and its TTL. The `alive` key lives on the lease, so
         it disappears NODE_TTL seconds after the agent stops reporting; the `status` key stays,
         telling when the agent was last seen (rewritten when its routes change, or every
-        STATUS_REFRESH seconds). Raises InvalidArgument, Unavailable.
+        STATUS_REFRESH seconds). Raises InvalidArgument (bad node name; more than
+        `MAX_REPORTED_ROUTES` routes or one that is not a CIDR: nothing is stored), Unavailable.
         """
         op = "node report"
         validate_node_name(node, op)
+        wanted = validate_routes(routes, f'{op} "{node}"')
         now = self._now()
         alive = lease_id > 0 and self.store.keep_alive(lease_id) > 0
         if alive:
@@ -202,7 +230,6 @@ class Nodes(Part):
                     )
                 ],
             )
-        wanted = sorted(routes)
         current = self.store.get(self.keys.node_status(node))
         old = json.loads(current.value) if current else {}
         if (
