@@ -22,9 +22,6 @@ import threading
 from collections.abc import Sequence
 
 from coil_allocator.common import MAX_ATTEMPTS, Context, Part, first
-from coil_allocator.keys import (
-    decode_pool,
-)
 from coil_allocator.store import (
     Delete,
     Get,
@@ -107,10 +104,10 @@ class Claims(Part):
                 )
             holder = first(result.responses[0])
             if holder is not None:
-                if holder.value.decode() != node:
-                    raise AlreadyExists(f'{op} "{block}": held by node "{holder.value.decode()}"')
-                index = first(result.responses[1])
-                claimed_at = int(json.loads(index.value)["claimed_at"]) if index else 0
+                other = holder.value.decode(errors="replace")
+                if other != node:
+                    raise AlreadyExists(f'{op} "{block}": held by node "{other}"')
+                claimed_at = self._claimed_at(first(result.responses[1]))
                 used, _ = self.store.range(self.keys.records(pool_name, block), keys_only=True)
                 return HeldBlock(
                     pool_name,
@@ -196,7 +193,9 @@ class Claims(Part):
                     self._claim_cache.pop(pool_name, None)
                 raise NotFound(f'{op} "{pool_name}": no such pool (deleted meanwhile)')
             if current.mod_revision != pool_kv.mod_revision:
-                pool, pool_kv = decode_pool(pool_name, current.value), current
+                with self._cache_lock:
+                    self._claim_cache.pop(pool_name, None)
+                pool, pool_kv = self._decode_pool(pool_name, current, op), current
             now_held = result.responses[1]
             if isinstance(now_held, list):
                 held = {self.keys.strip(kv.key, blocks_prefix) for kv in now_held}
@@ -288,10 +287,9 @@ class Claims(Part):
         holder = first(result.responses[0])
         if holder is None:
             raise FailedPrecondition(f'{op} "{block}": not held by any node')
-        if holder.value.decode() != node:
-            raise FailedPrecondition(
-                f'{op} "{block}": held by node "{holder.value.decode()}", not "{node}"'
-            )
+        other = holder.value.decode(errors="replace")
+        if other != node:
+            raise FailedPrecondition(f'{op} "{block}": held by node "{other}", not "{node}"')
         used = result.responses[1]
         count = len(used) if isinstance(used, list) else 0
         raise FailedPrecondition(f'{op} "{block}": {count} address(es) are still recorded in it')

@@ -21,9 +21,7 @@ from collections.abc import Sequence
 
 from coil_allocator.claims import Claims
 from coil_allocator.common import MAX_ATTEMPTS, Context, Part, first
-from coil_allocator.keys import (
-    decode_record,
-)
+from coil_allocator.keys import Unreadable, decode_record, decode_status
 from coil_allocator.records import RELEASES_PER_TXN
 from coil_allocator.store import (
     Delete,
@@ -36,7 +34,6 @@ from coil_allocator.store import (
 )
 from coil_core.blocks import (
     Network,
-    parse_block_key,
 )
 from coil_core.errors import (
     Conflict,
@@ -48,7 +45,7 @@ from coil_core.model import (
     AllocationRecord,
     HeldBlock,
 )
-from coil_core.rules import parse_address, parse_subnet, validate_node_name
+from coil_core.rules import parse_subnet, validate_node_name
 
 NODE_TTL = 90
 """Seconds a node agent counts as alive after its last report (it reports every 30 s)."""
@@ -102,20 +99,35 @@ class Nodes(Part):
         blocks: list[HeldBlock] = []
         records: list[AllocationRecord] = []
         for kv in index:
-            pool, block_id = self.keys.strip(kv.key, prefix).split("/", 1)
-            cidr = parse_block_key(block_id, "stored block")
+            try:
+                pool, cidr = self.keys.parse_block(kv.key, prefix)
+            except Unreadable as e:
+                self._skip("node-index", kv.key, e)
+                continue
             recs, _ = self.store.range(
                 self.keys.records(pool, cidr), keys_only=not with_records, revision=rev
             )
-            claimed_at = int(json.loads(kv.value).get("claimed_at", 0))
             reserved = pools[pool].reserved_in(cidr) if pool in pools else 0
             blocks.append(
-                HeldBlock(pool, cidr, node, kv.create_revision, claimed_at, len(recs), reserved)
+                HeldBlock(
+                    pool,
+                    cidr,
+                    node,
+                    kv.create_revision,
+                    self._claimed_at(kv),
+                    len(recs),
+                    reserved,
+                )
             )
             if with_records:
                 for r in recs:
-                    address = parse_address(r.key.rsplit("/", 1)[1], "stored record")
-                    records.append(decode_record(pool, cidr, address, r.value))
+                    # An unreadable record is left out: its address stays taken in etcd, so
+                    # recording it again is refused as ADDRESS_IN_USE.
+                    try:
+                        _, _, address = self.keys.parse_record(r.key)
+                        records.append(decode_record(pool, cidr, address, r.value))
+                    except Unreadable as e:
+                        self._skip("record", r.key, e)
         blocks.sort(key=lambda b: (b.pool, b.cidr.version, int(b.cidr.network_address)))
         records.sort(key=lambda r: (r.created_at, int(r.address)))
         return blocks, records, rev
@@ -175,22 +187,29 @@ class Nodes(Part):
                     self._claims.forget_held(block.pool, block.cidr)
                     break
                 holder = first(result.responses[0])
-                if holder is None or holder.value.decode() != node:
+                if holder is None or holder.value.decode(errors="replace") != node:
                     # Someone else released it meanwhile; drop our stale index entry.
                     self.store.txn([], [Delete(self.keys.node_block(node, block.pool, block.cidr))])
                     break
                 # Records appeared (the node is still alive?): remove them too and retry.
                 late = result.responses[1]
                 for kv in late if isinstance(late, list) else []:
-                    address = parse_address(kv.key.rsplit("/", 1)[1], "stored record")
-                    r = decode_record(block.pool, block.cidr, address, kv.value)
-                    attachment = self.keys.attachment(
-                        r.owner.container_id, r.owner.interface, address.version
-                    )
-                    if self.store.txn(
-                        [unchanged(kv.key, kv.mod_revision)],
-                        [Delete(kv.key), Delete(attachment)],
-                    ).succeeded:
+                    ops = [Delete(kv.key)]
+                    try:
+                        _, _, address = self.keys.parse_record(kv.key)
+                        r = decode_record(block.pool, block.cidr, address, kv.value)
+                        ops.append(
+                            Delete(
+                                self.keys.attachment(
+                                    r.owner.container_id, r.owner.interface, address.version
+                                )
+                            )
+                        )
+                    except Unreadable as e:
+                        # The node's block is being given back with all it holds; only the
+                        # attachment of a record that cannot be read is unknown (check finds it).
+                        self._skip("record", kv.key, e)
+                    if self.store.txn([unchanged(kv.key, kv.mod_revision)], ops).succeeded:
                         removed += 1
                 self._backoff(attempt, "node release")
             else:
@@ -231,12 +250,18 @@ class Nodes(Part):
                 ],
             )
         current = self.store.get(self.keys.node_status(node))
-        old = json.loads(current.value) if current else {}
+        old = None
+        if current is not None:
+            try:
+                old = decode_status(current.value)
+            except Unreadable as e:
+                self._skip("node-status", current.key, e)  # rewritten below
         if (
             not alive
-            or old.get("routes") != wanted
-            or old.get("table") != table
-            or now - int(old.get("seen_at", 0)) >= STATUS_REFRESH
+            or old is None
+            or list(old.routes) != wanted
+            or old.table != table
+            or now - old.seen_at >= STATUS_REFRESH
         ):
             status = {"seen_at": now, "table": table, "routes": wanted}
             self.store.txn([], [Put(self.keys.node_status(node), json.dumps(status).encode())])
