@@ -152,6 +152,23 @@ def overlapping(a: Network, b: Network) -> bool:
     )
 
 
+def blocks_overlapping(subnet: Network, bits: int, other: Network) -> list[Network]:
+    """Return the blocks of ``2**bits`` addresses of ``subnet`` that share an address with
+    ``other`` (none if it is of another family or outside the subnet), lowest first.
+
+    Raises:
+        ValueError: ``bits`` is out of range for ``subnet`` (see `block_count`).
+    """
+    _check_bits(subnet, bits)
+    if not overlapping(subnet, other):
+        return []
+    start = max(int(subnet.network_address), int(other.network_address)) >> bits << bits
+    end = min(int(subnet.broadcast_address), int(other.broadcast_address))
+    return [
+        _network(subnet, a, subnet.max_prefixlen - bits) for a in range(start, end + 1, 1 << bits)
+    ]
+
+
 def find_overlap(
     new: Network, existing: Iterable[tuple[str, Network]]
 ) -> tuple[str, Network] | None:

@@ -170,6 +170,7 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
         )
         for kind, kv, why in snap.unreadable
     ]
+    findings += _overlaps(snap)
     # Every record key counts, readable or not: a block with an unreadable record is not empty.
     records_per_block: dict[tuple[str, str], int] = defaultdict(int)
     for key in snap.present:
@@ -415,6 +416,63 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                     )
                 )
     findings.sort(key=lambda f: (-f.severity, f.kind, f.subject))
+    return findings
+
+
+def _overlaps(snap: Snapshot) -> list[Finding]:
+    """Pools whose subnets overlap (the API refuses them; etcdctl or a restore mix-up does not)
+    and blocks that share addresses, held in two pools: the same address may be handed out
+    twice."""
+    findings = []
+    subnets = sorted(
+        ((s, name) for name, pool in snap.pools.items() for s in pool.subnets),
+        key=lambda x: (x[0].version, int(x[0].network_address), x[0].prefixlen, x[1]),
+    )
+    for i, (a, pool_a) in enumerate(subnets):
+        for b, pool_b in subnets[i + 1 :]:
+            if b.version != a.version or int(b.network_address) > int(a.broadcast_address):
+                break
+            findings.append(
+                Finding(
+                    Severity.CRITICAL,
+                    "pools-overlap",
+                    f"pool {pool_a}"
+                    if pool_a == pool_b
+                    else "pools {} and {}".format(*sorted((pool_a, pool_b))),
+                    f'subnet {a} of pool "{pool_a}" overlaps subnet {b} of pool "{pool_b}": '
+                    "their blocks may be handed out twice (claims refuse a block that overlaps "
+                    "one held in another pool); remove the overlap with etcdctl",
+                )
+            )
+    held = sorted(
+        (
+            (parse_block_key(block_id, "stored block"), pool, snap.holders[(pool, block_id)])
+            for pool, block_id in snap.blocks
+        ),
+        key=lambda x: (x[0].version, int(x[0].network_address), -x[0].num_addresses),
+    )
+    widest: tuple[Network, str, str] | None = None  # the held block reaching furthest so far
+    for block, pool, node in held:
+        if (
+            widest is not None
+            and widest[0].version == block.version
+            and int(block.network_address) <= int(widest[0].broadcast_address)
+        ):
+            findings.append(
+                Finding(
+                    Severity.CRITICAL,
+                    "address-space-held-twice",
+                    f"{block} ({pool})",
+                    f"held by node {node}, and overlaps block {widest[0]} of pool {widest[1]} "
+                    f"held by node {widest[2]}: the same addresses may be handed out twice",
+                )
+            )
+        if (
+            widest is None
+            or widest[0].version != block.version
+            or int(block.broadcast_address) > int(widest[0].broadcast_address)
+        ):
+            widest = (block, pool, node)
     return findings
 
 
