@@ -15,6 +15,7 @@ Transactions:
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,10 +37,12 @@ from coil_core.blocks import (
     Network,
 )
 from coil_core.errors import (
+    CoilError,
     Conflict,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from coil_core.model import (
     AllocationRecord,
@@ -57,6 +60,30 @@ MAX_REPORTED_ROUTES = 4096
 """Routes one report may carry: one per block the node holds, far more than any node needs."""
 
 MAX_CIDR_LENGTH = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128")
+
+
+MAX_PAGE_SIZE = 5000
+"""Records per page of `node_blocks_page`: well under gRPC's 4 MiB default receive limit."""
+
+
+def _page_token(revision: int, offset: int, node: str) -> str:
+    raw = f"{revision}:{offset}:{node}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_page_token(token: str, node: str, op: str) -> tuple[int, int]:
+    """(revision, offset) of a token `_page_token` made for `node`; InvalidArgument if not one."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        revision, offset, of = raw.split(":", 2)
+        parsed = int(revision), int(offset)
+    except ValueError:
+        parsed, of = (0, -1), ""
+    if of != node or parsed[0] <= 0 or parsed[1] < 0:
+        raise InvalidArgument(
+            f'{op} "{node}": page token "{token[:50]}" is not one of this node\'s listing'
+        )
+    return parsed
 
 
 def validate_routes(routes: Sequence[str], op: str) -> list[str]:
@@ -90,33 +117,66 @@ class Nodes(Part):
     def node_blocks(
         self, node: str, with_records: bool = False
     ) -> tuple[list[HeldBlock], list[AllocationRecord], int]:
-        """The blocks a node holds (and their records), read at one revision."""
+        """The blocks a node holds (and all their records, oldest first), read at one revision.
+
+        Raises InvalidArgument (bad node name)."""
+        blocks, records, rev, _ = self.node_blocks_page(node, with_records)
+        return blocks, records, rev
+
+    def node_blocks_page(
+        self, node: str, with_records: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[HeldBlock], list[AllocationRecord], int, str]:
+        """The blocks a node holds and one page of their records, and the next page's token.
+
+        Every page has all the blocks, read at the revision of the first page (the token carries
+        it), so the pages together are one consistent listing. With `page_size` 0 every record
+        comes in one answer, oldest first; else at most `min(page_size, MAX_PAGE_SIZE)`, in
+        block order (pool, block, key), and the token is "" after the last page.
+
+        Raises InvalidArgument (bad node name, a token not of this node's listing),
+        FailedPrecondition (etcd compacted the token's revision: list again from the start).
+        """
         op = "node blocks"
         validate_node_name(node, op)
+        pinned, start = _parse_page_token(page_token, node, op) if page_token else (0, 0)
         prefix = self.keys.node_blocks(node)
-        index, rev = self.store.range(prefix)
+        try:
+            index, rev = self.store.range(prefix, revision=pinned)
+        except Unavailable:
+            raise
+        except CoilError as e:
+            if pinned and "compacted" in str(e):
+                raise FailedPrecondition(
+                    f'{op} "{node}": the listing\'s revision {pinned} was compacted by etcd; '
+                    "list again from the first page"
+                ) from None
+            raise
         pools, _ = self._pools(rev)
+        paged = with_records and page_size > 0
+        end = start + min(page_size, MAX_PAGE_SIZE)
         blocks: list[HeldBlock] = []
         records: list[AllocationRecord] = []
+        seen = 0  # records of the blocks before this one, in page order
         for kv in index:
             try:
                 pool, cidr = self.keys.parse_block(kv.key, prefix)
             except Unreadable as e:
                 self._skip("node-index", kv.key, e)
                 continue
-            recs, _ = self.store.range(
-                self.keys.records(pool, cidr), keys_only=not with_records, revision=rev
-            )
+            records_prefix = self.keys.records(pool, cidr)
+            if paged:
+                used = self.store.count(records_prefix, revision=rev)
+                wanted = seen < end and seen + used > start
+                recs = self.store.range(records_prefix, revision=rev)[0] if wanted else []
+                recs = recs[max(0, start - seen) : end - seen]
+                seen += used
+            else:
+                recs, _ = self.store.range(records_prefix, keys_only=not with_records, revision=rev)
+                used = len(recs)
             reserved = pools[pool].reserved_in(cidr) if pool in pools else 0
             blocks.append(
                 HeldBlock(
-                    pool,
-                    cidr,
-                    node,
-                    kv.create_revision,
-                    self._claimed_at(kv),
-                    len(recs),
-                    reserved,
+                    pool, cidr, node, kv.create_revision, self._claimed_at(kv), used, reserved
                 )
             )
             if with_records:
@@ -129,8 +189,10 @@ class Nodes(Part):
                     except Unreadable as e:
                         self._skip("record", r.key, e)
         blocks.sort(key=lambda b: (b.pool, b.cidr.version, int(b.cidr.network_address)))
-        records.sort(key=lambda r: (r.created_at, int(r.address)))
-        return blocks, records, rev
+        if not paged:
+            records.sort(key=lambda r: (r.created_at, int(r.address)))
+        more = paged and end < seen
+        return blocks, records, rev, _page_token(rev, end, node) if more else ""
 
     def release_node(self, node: str, force: bool = False) -> tuple[list[HeldBlock], int]:
         """Give back every block and record of a node that is gone.
