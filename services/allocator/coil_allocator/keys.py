@@ -23,7 +23,12 @@ from typing import Any
 from coil_core.blocks import Address, Network, block_key, parse_block_key, validate_block_size
 from coil_core.errors import InvalidArgument
 from coil_core.model import AllocationRecord, Owner, Pool, parse_address
-from coil_core.rules import parse_subnet, validate_node_name, validate_pool_name
+from coil_core.rules import (
+    parse_subnet,
+    validate_attachment,
+    validate_node_name,
+    validate_pool_name,
+)
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,8 @@ def decode_record(pool: str, block: Network, address: Address, value: bytes) -> 
     )
     try:
         validate_node_name(node, "stored record")
-        owner.validate("stored record")
+        # Only what keys are built from; a name stored before the length caps stays readable.
+        validate_attachment(owner.container_id, owner.interface, "stored record")
     except InvalidArgument as e:
         raise Unreadable(str(e)) from None
     return AllocationRecord(
