@@ -13,6 +13,7 @@ from coil_allocator.etcd_store import EtcdStore
 from coil_core import errors
 from coil_core.model import (
     Family,
+    HeldBlock,
     Owner,
     RecordOutcome,
     RecordRequest,
@@ -56,6 +57,16 @@ BAD_POOLS = [
     ("ok", ["10.1.0.128/25"], 5, errors.AlreadyExists, 'pool "default"'),
     ("default", ["10.8.0.0/24"], 5, errors.AlreadyExists, "exists"),
     ("ok", ["fd00:1::80/121"], 2, errors.AlreadyExists, "overlaps"),
+    # Ranges pods cannot use: each refused, naming the subnet and the range.
+    ("ok", ["127.0.0.0/24"], 5, errors.InvalidArgument, '"127.0.0.0/24": overlaps the loopback'),
+    ("ok", ["224.0.0.0/24"], 5, errors.InvalidArgument, '"224.0.0.0/24": overlaps the multicast'),
+    ("ok", ["169.254.0.0/24"], 5, errors.InvalidArgument, "overlaps the link-local"),
+    ("ok", ["0.0.0.0/24"], 5, errors.InvalidArgument, '"0.0.0.0/24": overlaps the unspecified'),
+    ("ok", ["0.0.0.0/0"], 5, errors.InvalidArgument, '"0.0.0.0/0": overlaps'),
+    ("ok", ["::/120"], 5, errors.InvalidArgument, '"::/120": overlaps the unspecified'),
+    ("ok", ["::ffff:10.9.0.0/120"], 5, errors.InvalidArgument, "IPv4-mapped"),
+    ("ok", ["fe80::/64"], 5, errors.InvalidArgument, '"fe80::/64": overlaps the link-local'),
+    ("ok", ["ff02::/120"], 5, errors.InvalidArgument, "overlaps the multicast"),
 ]
 
 
@@ -95,6 +106,8 @@ def test_add_subnet_rejects_overlap_and_unknown_pool(
         allocator.add_subnet("nope", "10.7.0.0/24")
     with pytest.raises(errors.InvalidArgument, match="10.7.0.0/28"):
         allocator.add_subnet("other", "10.7.0.0/28")  # smaller than one block of 2^5
+    with pytest.raises(errors.InvalidArgument, match='"127.1.0.0/24": overlaps the loopback'):
+        allocator.add_subnet("other", "127.1.0.0/24")
     assert snapshot(store, etcd_prefix) == before
 
 
@@ -395,3 +408,39 @@ def test_claim_specific_block(allocator: Allocator, store: EtcdStore, etcd_prefi
     with pytest.raises(errors.InvalidArgument, match='not a block of pool "default"'):
         allocator.claim_specific_block("node-b", "default", "10.2.0.64/27")
     assert snapshot(store, etcd_prefix) == before
+
+
+def test_node_blocks_pages_are_read_at_the_first_pages_revision(allocator: Allocator) -> None:
+    allocator.create_pool("default", ["10.1.0.0/24"], 4)
+    blocks = [allocator.claim_block("node-a", "default")[0] for _ in range(3)]
+
+    def add(block: HeldBlock, n: int) -> None:
+        address = usable(allocator, "default", block.cidr)[n]
+        owner = Owner("ns", f"pod-{address}", f"c-{address}", "eth0")
+        request = RecordRequest.from_strings(str(address), "default", str(block.cidr), owner)
+        assert allocator.record("node-a", [request])[0].outcome.value == "recorded"
+
+    for block in blocks:
+        for n in range(5):
+            add(block, n)
+    _, everything, _ = allocator.node_blocks("node-a", with_records=True)
+    pages, token, revisions = [], "", set()
+    while True:
+        held, records, rev, token = allocator.node_blocks_page("node-a", True, 4, token)
+        assert sum(b.used for b in held) == 15 and len(records) <= 4
+        pages.append(records)
+        revisions.add(rev)
+        if len(pages) == 1:
+            add(blocks[2], 7)  # recorded after the first page: not part of this listing
+        if not token:
+            break
+    assert len(pages) == 4 and len(revisions) == 1
+    listed = [r for page in pages for r in page]
+    assert sorted(listed, key=lambda r: int(r.address)) == sorted(
+        everything, key=lambda r: int(r.address)
+    )
+    with pytest.raises(errors.InvalidArgument, match="page token"):
+        allocator.node_blocks_page("node-a", True, 4, "garbage")
+    _, _, _, other = allocator.node_blocks_page("node-a", True, 4)
+    with pytest.raises(errors.InvalidArgument, match="not one of this node's listing"):
+        allocator.node_blocks_page("node-b", True, 4, other)

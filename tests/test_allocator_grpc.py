@@ -268,3 +268,41 @@ def test_huge_ipv6_pool_counts_saturate(stub: pb_grpc.AllocatorServiceStub) -> N
     assert usage["small"].blocks_total == 8
     shown = stub.GetPool(pb.GetPoolRequest(name="big"))
     assert shown.subnets[0].total_blocks == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    "namespace,pod,problem",
+    [
+        ("default", "p" * 2**20, "pod name"),
+        ("default", "p" * 254, "pod name"),
+        ("n" * 64, "web-1", "namespace"),
+    ],
+    ids=["pod-1MB", "pod-254", "namespace-64"],
+)
+def test_overlong_pod_names_fail_only_their_item(
+    stub: pb_grpc.AllocatorServiceStub, allocator: Allocator, namespace: str, pod: str, problem: str
+) -> None:
+    """Before: a 1 MB pod name made the batch's transaction too large and failed every item."""
+    allocator.create_pool("default", ["10.1.0.0/24"], 4)
+    block, _ = allocator.claim_block("node-a", "default")
+    good, bad = (str(block.cidr.network_address + i) for i in (2, 3))
+
+    def item(address: str, ns: str, name: str, cid: str) -> pb.RecordItem:
+        owner = pb.Owner(namespace=ns, pod=name, container_id=cid, interface="eth0")
+        return pb.RecordItem(address=address, pool="default", block=str(block.cidr), owner=owner)
+
+    response = stub.RecordAllocations(
+        pb.RecordAllocationsRequest(
+            node="node-a",
+            items=[item(good, "default", "web-0", "c-good"), item(bad, namespace, pod, "c-bad")],
+        ),
+        timeout=30,
+    )
+    first, second = response.results
+    assert first.outcome == pb.RECORD_OUTCOME_RECORDED
+    assert second.outcome == pb.RECORD_OUTCOME_INVALID
+    too_long = pod if problem == "pod name" else namespace
+    assert problem in second.message and f"{len(too_long)} characters" in second.message
+    assert f"more than {63 if problem == 'namespace' else 253}" in second.message
+    assert len(second.message) < 300  # the name is quoted cut short
+    assert allocator.address_info(bad).record is None

@@ -1299,6 +1299,38 @@ CASES = [
         "too large",
     ),
     case(
+        "report-node-route-not-a-cidr",
+        "allocator",
+        allocator_call(
+            "ReportNode",
+            A.ReportNodeRequest(node=NODE, routes=["10.100.0.0/27", "banana"], table=119),
+        ),
+        "INVALID_ARGUMENT",
+        "route #2",
+        '"banana"',
+    ),
+    case(
+        "report-node-route-one-megabyte",
+        "allocator",
+        allocator_call("ReportNode", A.ReportNodeRequest(node=NODE, routes=["x" * 2**20])),
+        "INVALID_ARGUMENT",
+        "route #1",
+        "1048576 characters",
+    ),
+    case(
+        "report-node-too-many-routes",
+        "allocator",
+        allocator_call(
+            "ReportNode",
+            A.ReportNodeRequest(
+                node=NODE, routes=[f"10.{i // 256}.{i % 256}.0/24" for i in range(5000)]
+            ),
+        ),
+        "INVALID_ARGUMENT",
+        "5000 routes",
+        "at most 4096",
+    ),
+    case(
         "pool-block-size-larger-than-subnet",
         "pool",
         allocator_call(

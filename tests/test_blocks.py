@@ -21,6 +21,7 @@ from coil_core.blocks import (
     block_index,
     block_key,
     block_of,
+    blocks_overlapping,
     family_of,
     find_overlap,
     overlapping,
@@ -231,6 +232,19 @@ def test_block_arithmetic_matches_enumeration(subnet_text: str, bits: int) -> No
     for address in addresses_of(subnet):
         (containing,) = [block for block in reference if address in block]
         assert block_of(subnet, bits, address, OP) == containing
+
+
+@pytest.mark.parametrize(("subnet_text", "bits"), SMALL_CASES, ids=lambda value: str(value))
+def test_blocks_overlapping_matches_enumeration(subnet_text: str, bits: int) -> None:
+    subnet = net(subnet_text)
+    reference: list[Network] = list(subnet.subnets(new_prefix=subnet.max_prefixlen - bits))
+    others = [subnet, subnet.supernet(), *reference[:2], *reference[-1:]]
+    if subnet.prefixlen < subnet.max_prefixlen:
+        others += list(subnet.subnets())  # each half
+    others += [ipaddress.ip_network("10.200.0.0/16"), ipaddress.ip_network("fd99::/64")]
+    for other in others:
+        expected = [b for b in reference if overlapping(b, other)]
+        assert blocks_overlapping(subnet, bits, other) == expected, other
 
 
 @pytest.mark.parametrize(("subnet_text", "bits"), SMALL_CASES, ids=lambda value: str(value))

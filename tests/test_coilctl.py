@@ -419,6 +419,36 @@ def test_node_blocks(run: Run, allocator: Allocator) -> None:
     assert run("node", "blocks", "node-9", "-o", "json").json()["blocks"] == []
 
 
+def test_node_blocks_records_beyond_the_receive_limit_are_paged(
+    run: Run, allocator: Allocator
+) -> None:
+    """Before: above about 10k records the one answer exceeded gRPC's 4 MiB receive limit."""
+    allocator.create_pool("default", ["10.64.0.0/18"], 8)
+    blocks = [allocator.claim_block("node-1", "default")[0] for _ in range(40)]
+    long = "p" * 200  # long pod names and container IDs, as some runtimes make them
+    items = [
+        RecordRequest.from_strings(
+            str(address),
+            "default",
+            str(block.cidr),
+            Owner("default", f"{long}-{i}-{n}", f"{long}{i:03d}{n:03d}", "eth0"),
+        )
+        for i, block in enumerate(blocks)
+        for n, address in enumerate(usable(allocator, "default", block.cidr)[:250])
+    ]
+    for start in range(0, len(items), 1000):
+        results = allocator.record("node-1", items[start : start + 1000])
+        assert {r.outcome.value for r in results} == {"recorded"}
+    r = run("node", "blocks", "node-1", "--records", "-o", "json")
+    assert r.code == 0, r.err[-500:]
+    doc = r.json()
+    assert len(doc["records"]) == 10_000
+    assert len({x["address"] for x in doc["records"]}) == 10_000
+    assert sum(b["used"] for b in doc["blocks"]) == 10_000
+    stamps = [(x["created_at"], ipaddress.ip_address(x["address"])) for x in doc["records"]]
+    assert stamps == sorted(stamps)  # oldest first, as one answer was
+
+
 def test_node_blocks_invalid_name(
     run: Run, unchanged: Callable[[], AbstractContextManager[None]], existing_pool: None
 ) -> None:

@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from coil_core.errors import AlreadyExists, InvalidArgument, PoolExhausted
-from coil_core.rules import Address, Network, parse_subnet
+from coil_core.rules import Address, Network, parse_subnet, validate_subnet_scope
 
 MAX_BLOCK_BITS = 16
 """Largest block: 2**16 addresses, so that a block's records and `BlockAddresses` stay bounded."""
@@ -152,6 +152,23 @@ def overlapping(a: Network, b: Network) -> bool:
     )
 
 
+def blocks_overlapping(subnet: Network, bits: int, other: Network) -> list[Network]:
+    """Return the blocks of ``2**bits`` addresses of ``subnet`` that share an address with
+    ``other`` (none if it is of another family or outside the subnet), lowest first.
+
+    Raises:
+        ValueError: ``bits`` is out of range for ``subnet`` (see `block_count`).
+    """
+    _check_bits(subnet, bits)
+    if not overlapping(subnet, other):
+        return []
+    start = max(int(subnet.network_address), int(other.network_address)) >> bits << bits
+    end = min(int(subnet.broadcast_address), int(other.broadcast_address))
+    return [
+        _network(subnet, a, subnet.max_prefixlen - bits) for a in range(start, end + 1, 1 << bits)
+    ]
+
+
 def find_overlap(
     new: Network, existing: Iterable[tuple[str, Network]]
 ) -> tuple[str, Network] | None:
@@ -192,7 +209,9 @@ def reserved_addresses(subnet: Network) -> tuple[Address, ...]:
 
 
 def validate_pool_subnet(subnet: Network, op: str) -> None:
-    """Raise InvalidArgument if `subnet` is too small to serve pods (fewer than 4 addresses)."""
+    """Raise InvalidArgument if `subnet` is too small to serve pods (fewer than 4 addresses) or
+    overlaps a range pods cannot use (see `coil_core.rules.validate_subnet_scope`)."""
+    validate_subnet_scope(subnet, op)
     if subnet.num_addresses < MIN_SUBNET_ADDRESSES:
         raise InvalidArgument(
             f'{op} "{subnet}": too small; a pool subnet needs at least {MIN_SUBNET_ADDRESSES} '

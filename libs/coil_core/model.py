@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from coil_core.blocks import block_key, parse_block_key, reserved_addresses
 from coil_core.errors import InvalidArgument
-from coil_core.rules import Address, Network, parse_address, validate_attachment
+from coil_core.rules import Address, Network, parse_address, validate_attachment, validate_pod
 
 
 class Family(enum.IntEnum):
@@ -93,9 +93,11 @@ class Owner:
     interface: str
 
     def validate(self, op: str) -> Owner:
-        """Return self if the attachment fields are well formed; else InvalidArgument (see
-        `coil_core.rules.validate_attachment`)."""
+        """Return self if the attachment fields are well formed and the pod's names are not
+        longer than Kubernetes allows; else InvalidArgument (see
+        `coil_core.rules.validate_attachment` and `validate_pod`)."""
         validate_attachment(self.container_id, self.interface, op)
+        validate_pod(self.namespace, self.pod, op)
         return self
 
 

@@ -98,6 +98,42 @@ def _is_address(text: str) -> bool:
     return True
 
 
+_UNUSABLE_RANGES: tuple[tuple[Network, str], ...] = tuple(
+    (ipaddress.ip_network(cidr), what)
+    for cidr, what in (
+        ("0.0.0.0/8", "the unspecified range"),
+        ("127.0.0.0/8", "the loopback range"),
+        ("169.254.0.0/16", "the link-local range"),
+        ("224.0.0.0/4", "the multicast range"),
+        ("::/128", "the unspecified address"),
+        ("::1/128", "the loopback address"),
+        ("::ffff:0:0/96", "the IPv4-mapped range (it would overlap IPv4 pools)"),
+        ("fe80::/10", "the link-local range"),
+        ("ff00::/8", "the multicast range"),
+    )
+)
+
+
+def validate_subnet_scope(subnet: Network, op: str) -> Network:
+    """Return `subnet` if pods can use its addresses: it must not overlap the unspecified,
+    loopback, link-local or multicast ranges, nor (IPv6) the IPv4-mapped range ``::ffff:0:0/96``,
+    whose addresses stand for IPv4 ones and would overlap IPv4 pools.
+
+    Raises:
+        InvalidArgument: naming the subnet and the range it overlaps.
+    """
+    for reserved, what in _UNUSABLE_RANGES:
+        if (
+            reserved.version == subnet.version
+            and int(reserved.network_address) <= int(subnet.broadcast_address)
+            and int(subnet.network_address) <= int(reserved.broadcast_address)
+        ):
+            raise InvalidArgument(
+                f'{op} "{subnet}": overlaps {what} {reserved}; pods cannot be given such addresses'
+            )
+    return subnet
+
+
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
 MAX_INTERFACE_BYTES = 15  # IFNAMSIZ - 1
 MAX_NAMESPACE_LENGTH = 63  # a Kubernetes namespace name is a DNS-1123 label
@@ -190,4 +226,27 @@ def validate_pod(namespace: str, pod: str, op: str) -> None:
     if len(pod) > MAX_POD_NAME_LENGTH:
         raise InvalidArgument(
             f"{op} pod name {quoted(pod)}: {len(pod)} characters, more than {MAX_POD_NAME_LENGTH}"
+        )
+
+
+MAX_NAMESPACE_LENGTH = 63  # a Kubernetes namespace name is a DNS-1123 label
+MAX_POD_NAME_LENGTH = 253  # a Kubernetes pod name is a DNS-1123 subdomain
+
+
+def validate_pod(namespace: str, pod: str, op: str) -> None:
+    """Check the pod an attachment belongs to: only the lengths Kubernetes allows (a namespace
+    of at most 63 characters, a pod name of at most 253), so one huge name cannot fail the
+    batch it is recorded in.
+
+    Raises:
+        InvalidArgument: a name is longer than that.
+    """
+    if len(namespace) > MAX_NAMESPACE_LENGTH:
+        raise InvalidArgument(
+            f'{op} namespace "{namespace[:80]}...": {len(namespace)} characters, more than '
+            f"{MAX_NAMESPACE_LENGTH}"
+        )
+    if len(pod) > MAX_POD_NAME_LENGTH:
+        raise InvalidArgument(
+            f'{op} pod name "{pod[:80]}...": {len(pod)} characters, more than {MAX_POD_NAME_LENGTH}'
         )

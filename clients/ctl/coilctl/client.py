@@ -9,6 +9,7 @@ Nothing here retries.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ from coilctl.config import Settings
 from coilctl.errors import EXIT_FAILED, EXIT_UNREACHABLE, CtlError, UsageError
 
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+NODE_BLOCKS_PAGE = 2000
+"""Records per ListNodeBlocks page: about 0.5 MiB, far under gRPC's 4 MiB receive limit."""
+
+
+def _address_key(text: str) -> tuple[int, int]:
+    address = ipaddress.ip_address(text)
+    return address.version, int(address)
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -107,9 +116,26 @@ class Allocator:
     def delete_pool(self, name: str) -> pb.DeletePoolResponse:
         return self._call(self._stub.DeletePool, pb.DeletePoolRequest(name=name))
 
-    def node_blocks(self, node: str, with_records: bool) -> pb.ListNodeBlocksResponse:
-        request = pb.ListNodeBlocksRequest(node=node, with_records=with_records)
-        return self._call(self._stub.ListNodeBlocks, request)
+    def node_blocks(
+        self, node: str, with_records: bool, page_size: int = NODE_BLOCKS_PAGE
+    ) -> pb.ListNodeBlocksResponse:
+        """The node's blocks and, with `with_records`, all their records oldest first, fetched
+        in pages (all read at the first page's etcd revision) and merged into one answer."""
+        request = pb.ListNodeBlocksRequest(
+            node=node, with_records=with_records, page_size=page_size
+        )
+        merged: pb.ListNodeBlocksResponse = self._call(self._stub.ListNodeBlocks, request)
+        token = merged.next_page_token
+        while token:
+            request.page_token = token
+            page: pb.ListNodeBlocksResponse = self._call(self._stub.ListNodeBlocks, request)
+            merged.records.extend(page.records)
+            token = page.next_page_token
+        records = sorted(merged.records, key=lambda r: (r.created_at, _address_key(r.address)))
+        del merged.records[:]
+        merged.records.extend(records)
+        merged.next_page_token = ""
+        return merged
 
     def release_node(self, node: str, force: bool = False) -> pb.ReleaseNodeResponse:
         return self._call(self._stub.ReleaseNode, pb.ReleaseNodeRequest(node=node, force=force))

@@ -76,6 +76,7 @@ class Allocator:
         self.address_info = self.records.address_info
         self.free_address = self.records.free_address
         self.node_blocks = self.nodes.node_blocks
+        self.node_blocks_page = self.nodes.node_blocks_page
         self.release_node = self.nodes.release_node
         self.report_node = self.nodes.report_node
         self.check_store = self.checks.check_store

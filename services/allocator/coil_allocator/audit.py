@@ -14,7 +14,18 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from coil_allocator.keys import Keys, decode_pool, parse_record_path, record_ref
+from coil_allocator.keys import (
+    Keys,
+    NodeStatus,
+    Unreadable,
+    decode_claimed_at,
+    decode_holder,
+    decode_pool,
+    decode_record,
+    decode_status,
+    parse_record_path,
+    record_ref,
+)
 from coil_allocator.store import (
     Compare,
     Delete,
@@ -27,7 +38,9 @@ from coil_allocator.store import (
     value_is,
 )
 from coil_core.blocks import Address, Network, block_key, parse_block_key
-from coil_core.model import Pool, parse_address
+from coil_core.errors import InvalidArgument
+from coil_core.model import AllocationRecord, Pool
+from coil_core.rules import validate_attachment, validate_node_name
 
 
 class Severity(enum.IntEnum):
@@ -57,65 +70,91 @@ class Finding:
 
 @dataclass
 class Snapshot:
-    """Every key under coil's prefix at one revision, sorted by kind."""
+    """Every key under coil's prefix at one revision, sorted by kind and decoded.
+
+    A key that cannot be read goes to `unreadable` (with its kind and why) and nowhere else, so
+    the audit never builds a finding, let alone a repair, from a field it could not read."""
 
     keys: Keys
     revision: int
     pools: dict[str, Pool] = field(default_factory=dict)
     blocks: dict[tuple[str, str], KeyValue] = field(default_factory=dict)  # (pool, block id)
+    holders: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool, block id) -> node
     index: dict[tuple[str, str, str], KeyValue] = field(default_factory=dict)  # (node, pool, id)
+    claimed_at: dict[tuple[str, str, str], int] = field(default_factory=dict)
     alive: dict[str, KeyValue] = field(default_factory=dict)  # node -> leased key
-    status: dict[str, KeyValue] = field(default_factory=dict)  # node -> last report
+    status: dict[str, NodeStatus] = field(default_factory=dict)  # node -> last report
     records: dict[tuple[str, str, str], KeyValue] = field(default_factory=dict)  # pool, id, addr
+    decoded: dict[tuple[str, str, str], AllocationRecord] = field(default_factory=dict)
     attachments: dict[str, KeyValue] = field(default_factory=dict)  # key -> kv
+    refs: dict[str, tuple[str, Network, Address]] = field(default_factory=dict)  # key -> record
+    present: set[str] = field(default_factory=set)  # every key, readable or not
 
-    malformed: list[KeyValue] = field(default_factory=list)
+    unreadable: list[tuple[str, KeyValue, str]] = field(default_factory=list)  # kind, kv, why
+
+    @property
+    def malformed(self) -> list[KeyValue]:
+        return [kv for _, kv, _ in self.unreadable]
 
     @classmethod
     def from_kvs(cls, keys: Keys, revision: int, kvs: list[KeyValue]) -> Snapshot:
         snap = cls(keys, revision)
         for kv in kvs:
+            snap.present.add(kv.key)
             try:
                 snap._add(kv)
-            except Exception:  # noqa: BLE001 - an unreadable key is itself a finding
-                snap.malformed.append(kv)
+            except (Unreadable, InvalidArgument, ValueError, UnicodeDecodeError) as e:
+                snap.unreadable.append((_kind_of(keys, kv.key), kv, str(e)))
         return snap
 
     def _add(self, kv: KeyValue) -> None:
-        """File one key under its kind; raises if it cannot be read."""
+        """File one key under its kind; raises Unreadable (or another ValueError) if it cannot
+        be read."""
         kind, _, tail = kv.key[len(self.keys.prefix) :].partition("/")
         if kind == "pools":
             self.pools[tail] = decode_pool(tail, kv.value)
         elif kind == "blocks":
-            pool, _, block_id = tail.partition("/")
-            parse_block_key(block_id, "stored block")
-            self.blocks[(pool, block_id)] = kv
+            pool, block = self.keys.parse_block(kv.key, self.keys.all_blocks)
+            node = decode_holder(kv.value)
+            self.blocks[(pool, block_key(block))] = kv
+            self.holders[(pool, block_key(block))] = node
         elif kind == "nodes":
             node, _, what = tail.partition("/")
+            validate_node_name(node, "stored node")
             if what == "alive":
                 self.alive[node] = kv
             elif what == "status":
-                json.loads(kv.value)
-                self.status[node] = kv
+                self.status[node] = decode_status(kv.value)
             elif what.startswith("blocks/"):
-                pool, _, block_id = what[len("blocks/") :].partition("/")
-                parse_block_key(block_id, "stored index")
-                json.loads(kv.value)
-                self.index[(node, pool, block_id)] = kv
+                pool, block = self.keys.parse_block(kv.key, self.keys.node_blocks(node))
+                entry = (node, pool, block_key(block))
+                self.claimed_at[entry] = decode_claimed_at(kv.value)
+                self.index[entry] = kv
         elif kind == "records":
-            pool, _family, block_id, address = tail.split("/", 3)
-            parse_block_key(block_id, "stored record")
-            parse_address(address, "stored record")
-            json.loads(kv.value)
-            self.records[(pool, block_id, address)] = kv
+            pool, block, address = self.keys.parse_record(kv.key)
+            entry = (pool, block_key(block), str(address))
+            self.decoded[entry] = decode_record(pool, block, address, kv.value)
+            self.records[entry] = kv
         elif kind == "attachments":
-            parse_record_path(kv.value.decode())
+            container_id, interface, family = tail.split("/")
+            validate_attachment(container_id, interface, "stored attachment")
+            ref = parse_record_path(kv.value.decode())
+            if family != str(ref[2].version):
+                raise Unreadable(f"family {family[:10]} is not that of {ref[2]}")
             self.attachments[kv.key] = kv
+            self.refs[kv.key] = ref
 
 
-def _record_owner(kv: KeyValue) -> dict[str, object]:
-    data: dict[str, object] = json.loads(kv.value)
-    return data
+def _kind_of(keys: Keys, key: str) -> str:
+    """The kind of key for the unreadable-keys metric: pool, block, node-index, node-status,
+    node-alive, record, attachment, or other."""
+    kind, _, tail = key[len(keys.prefix) :].partition("/")
+    if kind == "nodes":
+        what = tail.partition("/")[2]
+        return "node-index" if what.startswith("blocks/") else f"node-{what or 'other'}"[:20]
+    return {"pools": "pool", "blocks": "block", "records": "record"}.get(
+        kind, "attachment" if kind == "attachments" else "other"
+    )
 
 
 def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
@@ -126,21 +165,28 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
             Severity.CRITICAL,
             "malformed-key",
             kv.key,
-            "a key or value coil cannot read; inspect it with etcdctl",
+            f"a {kind} key coil cannot read ({why[:200]}); coil skips it and repairs nothing "
+            "from it; inspect it with etcdctl",
         )
-        for kv in snap.malformed
+        for kind, kv, why in snap.unreadable
     ]
+    findings += _overlaps(snap)
+    # Every record key counts, readable or not: a block with an unreadable record is not empty.
     records_per_block: dict[tuple[str, str], int] = defaultdict(int)
+    for key in snap.present:
+        if key.startswith(keys.all_records):
+            parts = key[len(keys.all_records) :].split("/")
+            if len(parts) == 4:
+                records_per_block[(parts[0], parts[2])] += 1
 
     # Records: inside a block held by their node, with an attachment pointing back.
     for (pool_name, block_id, address_text), kv in snap.records.items():
-        records_per_block[(pool_name, block_id)] += 1
-        record = _record_owner(kv)
-        node = str(record.get("node", ""))
+        record = snap.decoded[(pool_name, block_id, address_text)]
+        node = record.node
         subject = f"{address_text} ({pool_name})"
         pool = snap.pools.get(pool_name)
-        block = parse_block_key(block_id, "stored record")
-        address: Address = parse_address(address_text, "stored record")
+        block = record.block
+        address: Address = record.address
         if pool is None or pool.subnet_of(block) is None:
             findings.append(
                 Finding(
@@ -176,22 +222,24 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                     else None,
                 )
             )
-        elif holder.value.decode() != node:
+        elif snap.holders[(pool_name, block_id)] != node:
             findings.append(
                 Finding(
                     Severity.CRITICAL,
                     "record-in-foreign-block",
                     subject,
                     f"recorded for node {node}, but block {block} is held by node "
-                    f"{holder.value.decode()}, which may hand it out again",
+                    f"{snap.holders[(pool_name, block_id)]}, which may hand it out again",
                 )
             )
         attachment_key = keys.attachment(
-            str(record.get("container_id", "")), str(record.get("interface", "")), address.version
+            record.owner.container_id, record.owner.interface, address.version
         )
         attachment = snap.attachments.get(attachment_key)
         ref = record_ref(pool_name, block, address)
-        if attachment is None:
+        if attachment is None and attachment_key in snap.present:
+            pass  # an unreadable attachment key: its own finding, nothing to re-create
+        elif attachment is None:
             findings.append(
                 Finding(
                     Severity.WARNING,
@@ -212,15 +260,31 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                     Severity.CRITICAL,
                     "attachment-recorded-twice",
                     subject,
-                    f"container {record.get('container_id')} interface {record.get('interface')} "
+                    f"container {record.owner.container_id} interface {record.owner.interface} "
                     f"has this record and also {attachment.value.decode()}",
                 )
             )
 
-    # Attachments that point at no record.
+    # Attachments that point at no record, or at a record of another attachment.
     for key, kv in snap.attachments.items():
-        pool_name, block, address = parse_record_path(kv.value.decode())
-        if (pool_name, block_key(block), str(address)) not in snap.records:
+        pool_name, block, address = snap.refs[key]
+        entry = (pool_name, block_key(block), str(address))
+        target = snap.decoded.get(entry)
+        if target is not None:
+            container_id, interface, _ = key[len(keys.prefix) :].split("/")[1:]
+            if (target.owner.container_id, target.owner.interface) != (container_id, interface):
+                findings.append(
+                    Finding(
+                        Severity.CRITICAL,
+                        "attachment-owner-mismatch",
+                        key[len(keys.prefix) :],
+                        f"points at {kv.value.decode()}, which is recorded for container "
+                        f"{target.owner.container_id} interface {target.owner.interface}",
+                    )
+                )
+        elif keys.record(pool_name, block, address) not in snap.present:
+            # (A record that exists but cannot be read is its own finding: never delete the
+            # attachment of what may be a live pod's address.)
             findings.append(
                 Finding(
                     Severity.WARNING,
@@ -237,7 +301,7 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
 
     # Blocks and the node index mirror each other.
     for (pool_name, block_id), kv in snap.blocks.items():
-        node = kv.value.decode()
+        node = snap.holders[(pool_name, block_id)]
         pool = snap.pools.get(pool_name)
         cidr: Network = parse_block_key(block_id, "stored block")
         if pool is None or pool.subnet_of(cidr) is None:
@@ -265,8 +329,7 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                 )
             )
     for (node, pool_name, block_id), kv in snap.index.items():
-        holder = snap.blocks.get((pool_name, block_id))
-        if holder is None or holder.value.decode() != node:
+        if snap.holders.get((pool_name, block_id)) != node:
             findings.append(
                 Finding(
                     Severity.WARNING,
@@ -283,14 +346,13 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
 
     # Nodes: gone agents, empty blocks, routes out of step.
     held_by_node: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for (pool_name, block_id), kv in snap.blocks.items():
-        held_by_node[kv.value.decode()].append((pool_name, block_id))
+    for pool_name, block_id in snap.blocks:
+        held_by_node[snap.holders[(pool_name, block_id)]].append((pool_name, block_id))
     for node, held in sorted(held_by_node.items()):
         gone = node not in snap.alive
-        status = json.loads(snap.status[node].value) if node in snap.status else {}
+        status = snap.status.get(node)
         if gone:
-            seen = status.get("seen_at")
-            since = f"since {_ago(now - int(seen))}" if seen else "ever"
+            since = f"since {_ago(now - status.seen_at)}" if status else "ever"
             used = sum(records_per_block[b] for b in held)
             findings.append(
                 Finding(
@@ -307,10 +369,9 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
         for pool_name, block_id in held:
             if records_per_block[(pool_name, block_id)]:
                 continue
-            index = snap.index.get((node, pool_name, block_id))
-            if index is None:
+            claimed = snap.claimed_at.get((node, pool_name, block_id))
+            if claimed is None:
                 continue  # its claim time is unknown; the missing index is its own finding
-            claimed = int(json.loads(index.value).get("claimed_at", 0))
             family = 6 if ":" in block_id else 4
             if now - claimed < empty_grace:
                 continue
@@ -339,7 +400,7 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                 )
             )
         if not gone and status:
-            reported = set(status.get("routes", []))
+            reported = set(status.routes)
             expected = {block_id.replace("_", "/") for _, block_id in held}
             missing = sorted(expected - reported)
             extra = sorted(reported - expected)
@@ -349,12 +410,69 @@ def audit(snap: Snapshot, now: int, empty_grace: int) -> list[Finding]:
                         Severity.WARNING,
                         "routes-out-of-step",
                         f"node {node}",
-                        f"table {status.get('table', '?')} lacks {', '.join(missing) or 'nothing'}"
+                        f"table {status.table} lacks {', '.join(missing) or 'nothing'}"
                         f" and has extra {', '.join(extra) or 'nothing'} (reported "
-                        f"{_ago(now - int(status.get('seen_at', now)))} ago)",
+                        f"{_ago(now - status.seen_at)} ago)",
                     )
                 )
     findings.sort(key=lambda f: (-f.severity, f.kind, f.subject))
+    return findings
+
+
+def _overlaps(snap: Snapshot) -> list[Finding]:
+    """Pools whose subnets overlap (the API refuses them; etcdctl or a restore mix-up does not)
+    and blocks that share addresses, held in two pools: the same address may be handed out
+    twice."""
+    findings = []
+    subnets = sorted(
+        ((s, name) for name, pool in snap.pools.items() for s in pool.subnets),
+        key=lambda x: (x[0].version, int(x[0].network_address), x[0].prefixlen, x[1]),
+    )
+    for i, (a, pool_a) in enumerate(subnets):
+        for b, pool_b in subnets[i + 1 :]:
+            if b.version != a.version or int(b.network_address) > int(a.broadcast_address):
+                break
+            findings.append(
+                Finding(
+                    Severity.CRITICAL,
+                    "pools-overlap",
+                    f"pool {pool_a}"
+                    if pool_a == pool_b
+                    else "pools {} and {}".format(*sorted((pool_a, pool_b))),
+                    f'subnet {a} of pool "{pool_a}" overlaps subnet {b} of pool "{pool_b}": '
+                    "their blocks may be handed out twice (claims refuse a block that overlaps "
+                    "one held in another pool); remove the overlap with etcdctl",
+                )
+            )
+    held = sorted(
+        (
+            (parse_block_key(block_id, "stored block"), pool, snap.holders[(pool, block_id)])
+            for pool, block_id in snap.blocks
+        ),
+        key=lambda x: (x[0].version, int(x[0].network_address), -x[0].num_addresses),
+    )
+    widest: tuple[Network, str, str] | None = None  # the held block reaching furthest so far
+    for block, pool, node in held:
+        if (
+            widest is not None
+            and widest[0].version == block.version
+            and int(block.network_address) <= int(widest[0].broadcast_address)
+        ):
+            findings.append(
+                Finding(
+                    Severity.CRITICAL,
+                    "address-space-held-twice",
+                    f"{block} ({pool})",
+                    f"held by node {node}, and overlaps block {widest[0]} of pool {widest[1]} "
+                    f"held by node {widest[2]}: the same addresses may be handed out twice",
+                )
+            )
+        if (
+            widest is None
+            or widest[0].version != block.version
+            or int(block.broadcast_address) > int(widest[0].broadcast_address)
+        ):
+            widest = (block, pool, node)
     return findings
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from coil_allocator.audit import Finding, Snapshot, audit
 from coil_allocator.common import Part
+from coil_allocator.keys import Unreadable
 
 
 class StoreCheck(Part):
@@ -18,10 +19,14 @@ class StoreCheck(Part):
         """Audit every key under the prefix at one revision; with `repair`, apply the safe
         repairs (each its own transaction, applied only if what it read is unchanged).
 
-        Returns the findings (with what was repaired) and the revision read.
+        Returns the findings (with what was repaired) and the revision read. A key that cannot
+        be read is a finding of its own (and counted, see `Part._skip`); no repair is built
+        from it.
         """
         kvs, revision = self.store.range(self.keys.prefix)
         snap = Snapshot.from_kvs(self.keys, revision, kvs)
+        for kind, kv, why in snap.unreadable:
+            self._skip(kind, kv.key, Unreadable(why))
         findings = audit(snap, self._now(), empty_grace)
         if repair:
             for finding in findings:

@@ -48,6 +48,14 @@ class AllocatorMetrics:
             registry=self.registry,
         )
 
+        self.unreadable_keys = Counter(
+            "coil_allocator_unreadable_keys",
+            "Stored keys skipped because they could not be read, by kind (pool, block, "
+            "node-index, record, attachment, node-status); coilctl check names them.",
+            ["kind"],
+            registry=self.registry,
+        )
+
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpcs.labels(method, code).inc()
         self.latency.labels(method).observe(seconds)
@@ -58,6 +66,9 @@ class AllocatorMetrics:
 
     def claimed(self, pool: str, retries: int) -> None:
         self.claims.labels(pool).inc()
+
+    def unreadable(self, kind: str) -> None:
+        self.unreadable_keys.labels(kind).inc()
 
     def watch_usage(self, allocator: Allocator, max_age: float = 10.0) -> None:
         """Export usage gauges computed from the store when scraped."""

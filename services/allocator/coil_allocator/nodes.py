@@ -15,15 +15,14 @@ Transactions:
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import defaultdict
 from collections.abc import Sequence
 
 from coil_allocator.claims import Claims
 from coil_allocator.common import MAX_ATTEMPTS, Context, Part, first
-from coil_allocator.keys import (
-    decode_record,
-)
+from coil_allocator.keys import Unreadable, decode_record, decode_status
 from coil_allocator.records import RELEASES_PER_TXN
 from coil_allocator.store import (
     Delete,
@@ -36,24 +35,75 @@ from coil_allocator.store import (
 )
 from coil_core.blocks import (
     Network,
-    parse_block_key,
 )
 from coil_core.errors import (
+    CoilError,
     Conflict,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from coil_core.model import (
     AllocationRecord,
     HeldBlock,
 )
-from coil_core.rules import parse_address, validate_node_name
+from coil_core.rules import parse_subnet, validate_node_name
 
 NODE_TTL = 90
 """Seconds a node agent counts as alive after its last report (it reports every 30 s)."""
 
 STATUS_REFRESH = 300
 """A node's status key is rewritten at least this often while it reports (last-seen time)."""
+
+MAX_REPORTED_ROUTES = 4096
+"""Routes one report may carry: one per block the node holds, far more than any node needs."""
+
+MAX_CIDR_LENGTH = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128")
+
+
+MAX_PAGE_SIZE = 5000
+"""Records per page of `node_blocks_page`: well under gRPC's 4 MiB default receive limit."""
+
+
+def _page_token(revision: int, offset: int, node: str) -> str:
+    raw = f"{revision}:{offset}:{node}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_page_token(token: str, node: str, op: str) -> tuple[int, int]:
+    """(revision, offset) of a token `_page_token` made for `node`; InvalidArgument if not one."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        revision, offset, of = raw.split(":", 2)
+        parsed = int(revision), int(offset)
+    except ValueError:
+        parsed, of = (0, -1), ""
+    if of != node or parsed[0] <= 0 or parsed[1] < 0:
+        raise InvalidArgument(
+            f'{op} "{node}": page token "{token[:50]}" is not one of this node\'s listing'
+        )
+    return parsed
+
+
+def validate_routes(routes: Sequence[str], op: str) -> list[str]:
+    """The reported routes, canonical and sorted, if each is a CIDR and there are not too many.
+
+    Raises:
+        InvalidArgument: more than `MAX_REPORTED_ROUTES` routes, or one that is not a CIDR (the
+            message names its position and quotes at most its first 50 characters).
+    """
+    if len(routes) > MAX_REPORTED_ROUTES:
+        raise InvalidArgument(f"{op}: {len(routes)} routes; at most {MAX_REPORTED_ROUTES}")
+    out = set()
+    for i, text in enumerate(routes):
+        if len(text) > MAX_CIDR_LENGTH:
+            raise InvalidArgument(
+                f'{op} route #{i + 1} "{text[:50]}...": {len(text)} characters, longer than '
+                "any CIDR"
+            )
+        out.add(str(parse_subnet(text, f"{op} route #{i + 1}")))
+    return sorted(out)
 
 
 class Nodes(Part):
@@ -67,32 +117,82 @@ class Nodes(Part):
     def node_blocks(
         self, node: str, with_records: bool = False
     ) -> tuple[list[HeldBlock], list[AllocationRecord], int]:
-        """The blocks a node holds (and their records), read at one revision."""
+        """The blocks a node holds (and all their records, oldest first), read at one revision.
+
+        Raises InvalidArgument (bad node name)."""
+        blocks, records, rev, _ = self.node_blocks_page(node, with_records)
+        return blocks, records, rev
+
+    def node_blocks_page(
+        self, node: str, with_records: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[HeldBlock], list[AllocationRecord], int, str]:
+        """The blocks a node holds and one page of their records, and the next page's token.
+
+        Every page has all the blocks, read at the revision of the first page (the token carries
+        it), so the pages together are one consistent listing. With `page_size` 0 every record
+        comes in one answer, oldest first; else at most `min(page_size, MAX_PAGE_SIZE)`, in
+        block order (pool, block, key), and the token is "" after the last page.
+
+        Raises InvalidArgument (bad node name, a token not of this node's listing),
+        FailedPrecondition (etcd compacted the token's revision: list again from the start).
+        """
         op = "node blocks"
         validate_node_name(node, op)
+        pinned, start = _parse_page_token(page_token, node, op) if page_token else (0, 0)
         prefix = self.keys.node_blocks(node)
-        index, rev = self.store.range(prefix)
+        try:
+            index, rev = self.store.range(prefix, revision=pinned)
+        except Unavailable:
+            raise
+        except CoilError as e:
+            if pinned and "compacted" in str(e):
+                raise FailedPrecondition(
+                    f'{op} "{node}": the listing\'s revision {pinned} was compacted by etcd; '
+                    "list again from the first page"
+                ) from None
+            raise
         pools, _ = self._pools(rev)
+        paged = with_records and page_size > 0
+        end = start + min(page_size, MAX_PAGE_SIZE)
         blocks: list[HeldBlock] = []
         records: list[AllocationRecord] = []
+        seen = 0  # records of the blocks before this one, in page order
         for kv in index:
-            pool, block_id = self.keys.strip(kv.key, prefix).split("/", 1)
-            cidr = parse_block_key(block_id, "stored block")
-            recs, _ = self.store.range(
-                self.keys.records(pool, cidr), keys_only=not with_records, revision=rev
-            )
-            claimed_at = int(json.loads(kv.value).get("claimed_at", 0))
+            try:
+                pool, cidr = self.keys.parse_block(kv.key, prefix)
+            except Unreadable as e:
+                self._skip("node-index", kv.key, e)
+                continue
+            records_prefix = self.keys.records(pool, cidr)
+            if paged:
+                used = self.store.count(records_prefix, revision=rev)
+                wanted = seen < end and seen + used > start
+                recs = self.store.range(records_prefix, revision=rev)[0] if wanted else []
+                recs = recs[max(0, start - seen) : end - seen]
+                seen += used
+            else:
+                recs, _ = self.store.range(records_prefix, keys_only=not with_records, revision=rev)
+                used = len(recs)
             reserved = pools[pool].reserved_in(cidr) if pool in pools else 0
             blocks.append(
-                HeldBlock(pool, cidr, node, kv.create_revision, claimed_at, len(recs), reserved)
+                HeldBlock(
+                    pool, cidr, node, kv.create_revision, self._claimed_at(kv), used, reserved
+                )
             )
             if with_records:
                 for r in recs:
-                    address = parse_address(r.key.rsplit("/", 1)[1], "stored record")
-                    records.append(decode_record(pool, cidr, address, r.value))
+                    # An unreadable record is left out: its address stays taken in etcd, so
+                    # recording it again is refused as ADDRESS_IN_USE.
+                    try:
+                        _, _, address = self.keys.parse_record(r.key)
+                        records.append(decode_record(pool, cidr, address, r.value))
+                    except Unreadable as e:
+                        self._skip("record", r.key, e)
         blocks.sort(key=lambda b: (b.pool, b.cidr.version, int(b.cidr.network_address)))
-        records.sort(key=lambda r: (r.created_at, int(r.address)))
-        return blocks, records, rev
+        if not paged:
+            records.sort(key=lambda r: (r.created_at, int(r.address)))
+        more = paged and end < seen
+        return blocks, records, rev, _page_token(rev, end, node) if more else ""
 
     def release_node(self, node: str, force: bool = False) -> tuple[list[HeldBlock], int]:
         """Give back every block and record of a node that is gone.
@@ -149,22 +249,29 @@ class Nodes(Part):
                     self._claims.forget_held(block.pool, block.cidr)
                     break
                 holder = first(result.responses[0])
-                if holder is None or holder.value.decode() != node:
+                if holder is None or holder.value.decode(errors="replace") != node:
                     # Someone else released it meanwhile; drop our stale index entry.
                     self.store.txn([], [Delete(self.keys.node_block(node, block.pool, block.cidr))])
                     break
                 # Records appeared (the node is still alive?): remove them too and retry.
                 late = result.responses[1]
                 for kv in late if isinstance(late, list) else []:
-                    address = parse_address(kv.key.rsplit("/", 1)[1], "stored record")
-                    r = decode_record(block.pool, block.cidr, address, kv.value)
-                    attachment = self.keys.attachment(
-                        r.owner.container_id, r.owner.interface, address.version
-                    )
-                    if self.store.txn(
-                        [unchanged(kv.key, kv.mod_revision)],
-                        [Delete(kv.key), Delete(attachment)],
-                    ).succeeded:
+                    ops = [Delete(kv.key)]
+                    try:
+                        _, _, address = self.keys.parse_record(kv.key)
+                        r = decode_record(block.pool, block.cidr, address, kv.value)
+                        ops.append(
+                            Delete(
+                                self.keys.attachment(
+                                    r.owner.container_id, r.owner.interface, address.version
+                                )
+                            )
+                        )
+                    except Unreadable as e:
+                        # The node's block is being given back with all it holds; only the
+                        # attachment of a record that cannot be read is unknown (check finds it).
+                        self._skip("record", kv.key, e)
+                    if self.store.txn([unchanged(kv.key, kv.mod_revision)], ops).succeeded:
                         removed += 1
                 self._backoff(attempt, "node release")
             else:
@@ -182,10 +289,12 @@ class Nodes(Part):
         Returns the lease to send next time and its TTL. The `alive` key lives on the lease, so
         it disappears NODE_TTL seconds after the agent stops reporting; the `status` key stays,
         telling when the agent was last seen (rewritten when its routes change, or every
-        STATUS_REFRESH seconds). Raises InvalidArgument, Unavailable.
+        STATUS_REFRESH seconds). Raises InvalidArgument (bad node name; more than
+        `MAX_REPORTED_ROUTES` routes or one that is not a CIDR: nothing is stored), Unavailable.
         """
         op = "node report"
         validate_node_name(node, op)
+        wanted = validate_routes(routes, f'{op} "{node}"')
         now = self._now()
         alive = lease_id > 0 and self.store.keep_alive(lease_id) > 0
         if alive:
@@ -202,14 +311,19 @@ class Nodes(Part):
                     )
                 ],
             )
-        wanted = sorted(routes)
         current = self.store.get(self.keys.node_status(node))
-        old = json.loads(current.value) if current else {}
+        old = None
+        if current is not None:
+            try:
+                old = decode_status(current.value)
+            except Unreadable as e:
+                self._skip("node-status", current.key, e)  # rewritten below
         if (
             not alive
-            or old.get("routes") != wanted
-            or old.get("table") != table
-            or now - int(old.get("seen_at", 0)) >= STATUS_REFRESH
+            or old is None
+            or list(old.routes) != wanted
+            or old.table != table
+            or now - old.seen_at >= STATUS_REFRESH
         ):
             status = {"seen_at": now, "table": table, "routes": wanted}
             self.store.txn([], [Put(self.keys.node_status(node), json.dumps(status).encode())])

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 
 from coil_allocator.common import MAX_ATTEMPTS, Part, first
 from coil_allocator.keys import (
+    Unreadable,
+    decode_holder,
     encode_pool,
 )
 from coil_allocator.store import (
@@ -34,8 +36,8 @@ from coil_allocator.store import (
 from coil_core.blocks import (
     Network,
     block_count,
+    block_key,
     find_overlap,
-    parse_block_key,
     reserved_addresses,
     validate_block_size,
     validate_pool_subnet,
@@ -155,14 +157,21 @@ class Pools(Part):
         blocks, rev = self.store.range(self.keys.blocks(name))
         # Per block: "<family>/<block-id>/<address>" after the pool's prefix.
         records_prefix = self.keys.pool_records(name)
-        used = Counter(
-            key[len(records_prefix) :].split("/", 2)[1]
-            for key in self.store.keys(records_prefix, revision=rev)
-        )
+        used: Counter[str] = Counter()
+        for key in self.store.keys(records_prefix, revision=rev):
+            parts = key[len(records_prefix) :].split("/", 2)
+            if len(parts) == 3:
+                used[parts[1]] += 1
+            else:
+                self._skip("record", key, Unreadable("not a record key"))
         by_subnet: dict[Network, list[HeldBlock]] = defaultdict(list)
         for b in blocks:
-            block_id = self.keys.strip(b.key, self.keys.blocks(name))
-            cidr = parse_block_key(block_id, "stored block")
+            try:
+                _, cidr = self.keys.parse_block(b.key, self.keys.all_blocks)
+                holder = decode_holder(b.value)
+            except Unreadable as e:
+                self._skip("block", b.key, e)
+                continue
             subnet = pool.subnet_of(cidr)
             if subnet is None:
                 continue
@@ -170,10 +179,10 @@ class Pools(Part):
                 HeldBlock(
                     name,
                     cidr,
-                    b.value.decode(),
+                    holder,
                     b.create_revision,
                     0,
-                    used[block_id],
+                    used[block_key(cidr)],
                     pool.reserved_in(cidr),
                 )
             )
@@ -204,7 +213,7 @@ class Pools(Part):
                 return
             held = result.responses[0]
             if isinstance(held, list) and held:
-                nodes = sorted({h.value.decode() for h in held})
+                nodes = sorted({h.value.decode(errors="replace") for h in held})
                 shown = ", ".join(nodes[:5]) + (", ..." if len(nodes) > 5 else "")
                 raise FailedPrecondition(
                     f'{op} "{name}": {len(held)} block(s) are held (by node {shown}); '
@@ -218,8 +227,12 @@ class Pools(Part):
         pools, rev = self._pools()
         held: Counter[tuple[str, int]] = Counter()
         for key in self.store.keys(self.keys.all_blocks, revision=rev):
-            pool_name, block_id = key[len(self.keys.all_blocks) :].split("/", 1)
-            held[(pool_name, 6 if ":" in block_id else 4)] += 1
+            try:
+                pool_name, block = self.keys.parse_block(key, self.keys.all_blocks)
+            except Unreadable as e:
+                self._skip("block", key, e)
+                continue
+            held[(pool_name, block.version)] += 1
         # Records are counted by etcd, per pool and family, without listing them.
         used = {
             (name, int(fam)): self.store.count(

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from coil_allocator.common import MAX_ATTEMPTS, Context, Part, first
 from coil_allocator.keys import (
+    Unreadable,
     decode_record,
     encode_record,
     parse_record_path,
@@ -49,6 +50,7 @@ from coil_core.blocks import (
 )
 from coil_core.errors import (
     Conflict,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
@@ -234,14 +236,24 @@ class Records(Part):
         attachment_kv: KeyValue | None,
         record_kv: KeyValue | None,
     ) -> RecordResult | None:
-        """Why an item's compares failed, or None if they held (another item failed)."""
+        """Why an item's compares failed, or None if they held (another item failed).
+
+        An unreadable attachment or record is never overwritten: the item is INVALID (the
+        attachment) or ADDRESS_IN_USE without a record (the address), naming the key."""
         if attachment_kv is not None:
-            pool, block, address = parse_record_path(attachment_kv.value.decode())
-            if (pool, block, address) == (it.pool, it.block, it.address) and record_kv:
-                return RecordResult(
-                    RecordOutcome.RECORDED,
-                    decode_record(pool, block, address, record_kv.value),
+            try:
+                pool, block, address = parse_record_path(
+                    attachment_kv.value.decode(errors="replace")
                 )
+            except Unreadable as e:
+                self._skip("attachment", attachment_kv.key, e)
+                return RecordResult(
+                    RecordOutcome.INVALID,
+                    message=f'record "{it.address}": the attachment key {attachment_kv.key} '
+                    "cannot be read; see coilctl check",
+                )
+            if (pool, block, address) == (it.pool, it.block, it.address) and record_kv:
+                return self._recorded(RecordOutcome.RECORDED, it, record_kv)
             existing = self.store.get(self.keys.record(pool, block, address))
             if existing is None:
                 return RecordResult(
@@ -249,24 +261,53 @@ class Records(Part):
                     message=f'record "{it.address}": the attachment refers to a missing record '
                     f'"{address}"; the store is inconsistent (see docs/operations.md)',
                 )
-            return RecordResult(
-                RecordOutcome.EXISTING, decode_record(pool, block, address, existing.value)
-            )
+            try:
+                return RecordResult(
+                    RecordOutcome.EXISTING, decode_record(pool, block, address, existing.value)
+                )
+            except Unreadable as e:
+                self._skip("record", existing.key, e)
+                return RecordResult(
+                    RecordOutcome.INVALID,
+                    message=f'record "{it.address}": the attachment\'s record {existing.key} '
+                    "cannot be read; see coilctl check",
+                )
         if record_kv is not None:
-            other = decode_record(it.pool, it.block, it.address, record_kv.value)
+            try:
+                other = decode_record(it.pool, it.block, it.address, record_kv.value)
+            except Unreadable as e:
+                self._skip("record", record_kv.key, e)
+                return RecordResult(
+                    RecordOutcome.ADDRESS_IN_USE,
+                    None,
+                    f'record "{it.address}": recorded by a key that cannot be read '
+                    f"({record_kv.key}); see coilctl check",
+                )
             return RecordResult(
                 RecordOutcome.ADDRESS_IN_USE,
                 other,
                 f'record "{it.address}": held by container "{other.owner.container_id}" '
                 f'interface "{other.owner.interface}" on node "{other.node}"',
             )
-        if holder is None or holder.value.decode() != node:
-            who = f'node "{holder.value.decode()}"' if holder else "no node"
+        if holder is None or holder.value.decode(errors="replace") != node:
+            who = f'node "{holder.value.decode(errors="replace")}"' if holder else "no node"
             return RecordResult(
                 RecordOutcome.BLOCK_NOT_HELD,
                 message=f'record "{it.address}": block "{it.block}" is held by {who}, not "{node}"',
             )
         return None
+
+    def _recorded(self, outcome: RecordOutcome, it: RecordRequest, kv: KeyValue) -> RecordResult:
+        """The item's own record, already there; INVALID if it cannot be read."""
+        try:
+            return RecordResult(outcome, decode_record(it.pool, it.block, it.address, kv.value))
+        except Unreadable as e:
+            self._skip("record", kv.key, e)
+            return RecordResult(
+                RecordOutcome.INVALID,
+                message=f'record "{it.address}": its record {kv.key} cannot be read; '
+                "see coilctl check",
+            )
 
     def release(self, node: str, items: Sequence[ReleaseRequest]) -> list[ReleaseResult]:
         """Remove allocation records; one result per item, in order.
@@ -362,7 +403,16 @@ class Records(Part):
                     results[i] = ReleaseResult(ReleaseOutcome.NOT_RECORDED)
                     continue
                 pool, block, address = self.keys.parse_record(key)
-                rec = decode_record(pool, block, address, kv.value)
+                try:
+                    rec = decode_record(pool, block, address, kv.value)
+                except Unreadable as e:
+                    # Whose it is cannot be told: never delete it (nor an attachment) blindly.
+                    self._skip("record", key, e)
+                    results[i] = ReleaseResult(
+                        ReleaseOutcome.INVALID,
+                        f'release "{address}": its record {key} cannot be read; see coilctl check',
+                    )
+                    continue
                 if item.container_id and (
                     rec.owner.container_id != item.container_id
                     or (item.interface and rec.owner.interface != item.interface)
@@ -420,22 +470,35 @@ class Records(Part):
         )
         holder = first(found.responses[0])
         record = first(found.responses[1])
+        decoded = None
+        if record is not None:
+            try:
+                decoded = decode_record(pool.name, block, address, record.value)
+            except Unreadable as e:
+                self._skip("record", record.key, e)
+                raise FailedPrecondition(
+                    f'{op} "{address}": its record {record.key} cannot be read ({e}); '
+                    "see coilctl check"
+                ) from None
         return AddressInfo(
             address,
             pool.name,
             block,
-            holder.value.decode() if holder else "",
-            decode_record(pool.name, block, address, record.value) if record else None,
+            holder.value.decode(errors="replace") if holder else "",
+            decoded,
         )
 
     def free_address(self, address_text: str) -> AllocationRecord:
         """Remove an address's record, whoever holds it (repair tool).
 
-        Raises InvalidArgument, NotFound (not allocated), Conflict.
+        Raises InvalidArgument, NotFound (not allocated), FailedPrecondition (its record cannot
+        be read), Conflict.
         """
         op = "address free"
         address = parse_address(address_text, op)
         (result,) = self.release("", [ReleaseRequest(address)])
+        if result.outcome == ReleaseOutcome.INVALID:
+            raise FailedPrecondition(f"{op}: {result.message}")
         if result.outcome != ReleaseOutcome.RELEASED or result.record is None:
             raise NotFound(f'{op} "{address}": the address is not allocated')
         return result.record

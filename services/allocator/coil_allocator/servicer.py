@@ -103,11 +103,14 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
     def ListNodeBlocks(
         self, request: pb.ListNodeBlocksRequest, context: Any
     ) -> pb.ListNodeBlocksResponse:
-        blocks, records, revision = self.allocator.node_blocks(request.node, request.with_records)
+        blocks, records, revision, next_token = self.allocator.node_blocks_page(
+            request.node, request.with_records, request.page_size, request.page_token
+        )
         return pb.ListNodeBlocksResponse(
             blocks=[block_pb(b) for b in blocks],
             records=[record_pb(r) for r in records],
             revision=revision,
+            next_page_token=next_token,
         )
 
     def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: Any) -> pb.ReleaseNodeResponse:

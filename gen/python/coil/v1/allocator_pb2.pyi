@@ -713,19 +713,32 @@ class ListNodeBlocksRequest(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     WITH_RECORDS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Node name."""
     with_records: _builtins.bool
     """Also return the allocation records of the blocks (coild rebuilds its state from them)."""
+    page_size: _builtins.int
+    """With `with_records`: at most this many records per answer (at most 5000 are sent even if
+    more are asked for), in block order; 0 sends every record in one answer, oldest first
+    (above about 10k records that exceeds gRPC's default 4 MiB receive limit).
+    """
+    page_token: _builtins.str
+    """The previous answer's `next_page_token`, for the next page; empty for the first. Every page
+    is read at the first page's etcd revision (FAILED_PRECONDITION once etcd has compacted it).
+    """
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         with_records: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "with_records", b"with_records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "page_size", b"page_size", "page_token", b"page_token", "with_records", b"with_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,8 +753,11 @@ class ListNodeBlocksResponse(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """etcd revision the answer was read at."""
+    next_page_token: _builtins.str
+    """Set when more records follow: send it as `page_token` to get them."""
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Block]:
         """Blocks held by the node, sorted by pool and address."""
@@ -756,10 +772,11 @@ class ListNodeBlocksResponse(_message.Message):
         blocks: _abc.Iterable[Global___Block] | None = ...,
         records: _abc.Iterable[Global___AllocationRecord] | None = ...,
         revision: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "records", b"records", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "next_page_token", b"next_page_token", "records", b"records", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
