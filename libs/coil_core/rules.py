@@ -227,26 +227,3 @@ def validate_pod(namespace: str, pod: str, op: str) -> None:
         raise InvalidArgument(
             f"{op} pod name {quoted(pod)}: {len(pod)} characters, more than {MAX_POD_NAME_LENGTH}"
         )
-
-
-MAX_NAMESPACE_LENGTH = 63  # a Kubernetes namespace name is a DNS-1123 label
-MAX_POD_NAME_LENGTH = 253  # a Kubernetes pod name is a DNS-1123 subdomain
-
-
-def validate_pod(namespace: str, pod: str, op: str) -> None:
-    """Check the pod an attachment belongs to: only the lengths Kubernetes allows (a namespace
-    of at most 63 characters, a pod name of at most 253), so one huge name cannot fail the
-    batch it is recorded in.
-
-    Raises:
-        InvalidArgument: a name is longer than that.
-    """
-    if len(namespace) > MAX_NAMESPACE_LENGTH:
-        raise InvalidArgument(
-            f'{op} namespace "{namespace[:80]}...": {len(namespace)} characters, more than '
-            f"{MAX_NAMESPACE_LENGTH}"
-        )
-    if len(pod) > MAX_POD_NAME_LENGTH:
-        raise InvalidArgument(
-            f'{op} pod name "{pod[:80]}...": {len(pod)} characters, more than {MAX_POD_NAME_LENGTH}'
-        )
