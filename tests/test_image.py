@@ -53,7 +53,13 @@ ALLOCATOR = f"{NODE_NET['node-1']}:9380"
 # right to change routes.
 CAPS = {"allocator": [], "install": [], "coild": ["NET_ADMIN"]}
 # Not the installer's: podman's lock in the configuration directory, coild's socket directory.
-NOT_INSTALLED = ("etc/cni/net.d/cni.lock", "run", "run/coil", "run/coil/coild.sock")
+NOT_INSTALLED = (
+    "etc/cni/net.d/cni.lock",
+    "run",
+    "run/coil",
+    "run/coil/coild.sock",
+    "run/coil/coild.sock.lock",  # coild's, like its socket: it outlives coild (flock)
+)
 
 
 def require(tool: str, package: str) -> str:

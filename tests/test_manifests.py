@@ -409,7 +409,8 @@ def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
     """coild as root with only the manifest's capabilities, its environment (server name, one
     kubelet-style PEM file for certificate and key) and mutual TLS to an allocator that trusts
     the "cluster CA": it serves a pod and writes the block's route to table 119. With no
-    capability at all the route write is refused, so the capability granted is needed too."""
+    capability at all the route write is refused and no pod gets an address, so the capability
+    granted is needed too."""
     daemonset = Rendered(validate.render(DEPLOY / "base")).coild
     manifest = container(daemonset, "coild")
     caps = manifest["securityContext"]["capabilities"]["add"] if grant == "manifest" else []
@@ -459,14 +460,10 @@ def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
         )
         wait_until("coild's socket", socket.exists, proc=coild)
         status = Path(f"/proc/{coild.popen.pid}/status").read_text()
-        with grpc.insecure_channel(f"unix:{socket}") as ch:
-            reply = wait_until(
-                "an address from coild",
-                lambda: _allocate(ch),
-                proc=coild,
-            )
-        assert reply.addresses[0].address.startswith("10.76.0.")
         if grant == "manifest":
+            with grpc.insecure_channel(f"unix:{socket}") as ch:
+                reply = wait_until("an address from coild", lambda: _allocate(ch), proc=coild)
+            assert reply.addresses[0].address.startswith("10.76.0.")
             assert "CapBnd:\t0000000000001000" in status  # NET_ADMIN alone
             routes = wait_until("the block's route", lambda: ns.routes("119"), proc=coild)
             assert [r["type"] for r in routes] == ["blackhole"]
@@ -475,11 +472,15 @@ def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
             assert "Operation not permitted" not in coild.log.read_text()
         else:
             assert "CapBnd:\t0000000000000000" in status
-            wait_until(
-                "the refused route write",
-                lambda: "Operation not permitted" in coild.log.read_text(),
-                proc=coild,
-            )
+            with grpc.insecure_channel(f"unix:{socket}") as ch:
+                # The pod's ADD claims a block whose route cannot be written: coild hands out no
+                # address from it and says "try again" (UNAVAILABLE, the plugin's code 11).
+                def refused() -> bool:
+                    assert _allocate(ch) is None
+                    return "Operation not permitted" in coild.log.read_text()
+
+                wait_until("the refused route write", refused, proc=coild)
+                assert _allocate(ch) is None
             assert ns.routes("119") == []
     finally:
         if coild is not None:
