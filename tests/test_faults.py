@@ -309,8 +309,10 @@ class Storm:
     def delete(self, pod: StormPod) -> None:
         started = time.monotonic()
         with self.lock:
+            # A pod's hold ends when its first DEL starts: a DEL that answered 11 may still have
+            # released its addresses (a late commit), so a later retry must not move the end.
             for h in self.by_container[pod.container_id]:
-                h.del_started = started
+                h.del_started = min(h.del_started, started)
         answer = self._attempt("DEL", pod)
         if answer.rc != 0:
             return
