@@ -27,6 +27,9 @@ import pytest
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdStore
 from coil_core.model import Family, HeldBlock, Owner, RecordRequest
+from coilctl.client import Allocator as CtlAllocator
+from coilctl.config import resolve
+from coilctl.errors import CtlError
 from tests.conftest import snapshot, usable
 
 COILCTL = Path(sys.executable).parent / "coilctl"
@@ -670,6 +673,160 @@ def test_usage(run: Run, allocator: Allocator) -> None:
         ("default", "FAMILY_IPV6"),
         ("idle", "FAMILY_IPV4"),
     ]
+
+
+# -- arguments checked before connecting --------------------------------------------------------
+
+# Bad arguments of every command that takes any, with a fragment of the rule's message, and the
+# same request sent straight to the allocator through coilctl's client (no local check).
+BAD_ARGUMENTS: list[tuple[list[str], str, Callable[[CtlAllocator], object]]] = [
+    (
+        ["pool", "create", "Bad_Name", "10.9.0.0/24", "4"],
+        "not a valid namespace name",
+        lambda a: a.create_pool("Bad_Name", ["10.9.0.0/24"], 4),
+    ),
+    (
+        ["pool", "create", "p", "10.9.0.1/24", "4"],
+        "host bits set",
+        lambda a: a.create_pool("p", ["10.9.0.1/24"], 4),
+    ),
+    (
+        ["pool", "create", "p", "127.0.0.0/24", "4"],
+        "loopback range",
+        lambda a: a.create_pool("p", ["127.0.0.0/24"], 4),
+    ),
+    (
+        ["pool", "create", "p", "10.9.0.0/24", "9"],
+        "larger than subnet",
+        lambda a: a.create_pool("p", ["10.9.0.0/24"], 9),
+    ),
+    (
+        ["pool", "create", "p", "10.9.0.0/24", "4", "--subnet", "fe80::/64"],
+        "link-local range",
+        lambda a: a.create_pool("p", ["10.9.0.0/24", "fe80::/64"], 4),
+    ),
+    (
+        ["pool", "create", "p", "10.9.0.0/24", "4", "--subnet", "10.9.0.128/25"],
+        "overlap",
+        lambda a: a.create_pool("p", ["10.9.0.0/24", "10.9.0.128/25"], 4),
+    ),
+    (
+        ["pool", "add-subnet", "existing", "ff00::/64"],
+        "multicast range",
+        lambda a: a.add_subnet("existing", "ff00::/64"),
+    ),
+    (
+        ["pool", "add-subnet", "Existing", "10.9.0.0/24"],
+        "not a valid namespace name",
+        lambda a: a.add_subnet("Existing", "10.9.0.0/24"),
+    ),
+    (
+        ["pool", "show", "missing", "10.9.0.1/24"],
+        "host bits set",
+        lambda a: a.get_pool("missing", "10.9.0.1/24"),
+    ),
+    (
+        ["pool", "show", "x-"],
+        "not a valid namespace name",
+        lambda a: a.get_pool("x-", ""),
+    ),
+    (
+        ["pool", "delete", "Bad_Name"],
+        "not a valid namespace name",
+        lambda a: a.delete_pool("Bad_Name"),
+    ),
+    (
+        ["node", "blocks", "Node_1"],
+        "not a valid node name",
+        lambda a: a.node_blocks("Node_1", False),
+    ),
+    (
+        ["node", "release", "Gh_ost", "--yes"],
+        "not a valid node name",
+        lambda a: a.release_node("Gh_ost"),
+    ),
+    (
+        ["address", "info", "10.0.0.0/24"],
+        "not an IP address",
+        lambda a: a.get_address("10.0.0.0/24"),
+    ),
+    (
+        ["address", "free", "fe80::1%eth0", "--yes"],
+        "scoped (link-local) address",
+        lambda a: a.free_address("fe80::1%eth0"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [(args, fragment) for args, fragment, _ in BAD_ARGUMENTS],
+    ids=[f"{args[0]}-{args[1]}-{fragment}" for args, fragment, _ in BAD_ARGUMENTS],
+)
+def test_bad_arguments_are_refused_without_an_allocator(
+    home: Path, tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    # Nothing listens at the address: a refusal that needed the allocator would be exit 3.
+    address = f"unix:{tmp_path}/nobody.sock"
+    r = _run(["--allocator", address, *args], _env(home))
+    failed(r, 1, fragment, f"{' '.join(args[:2])} ")
+    assert "cannot reach" not in r.err
+    assert r.out == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "send"),
+    [(args, send) for args, _, send in BAD_ARGUMENTS],
+    ids=[f"{args[0]}-{args[1]}-{fragment}" for args, fragment, _ in BAD_ARGUMENTS],
+)
+def test_bad_arguments_get_the_allocators_own_answer(
+    allocator_addr: str,
+    home: Path,
+    tmp_path: Path,
+    unchanged: Callable[[], AbstractContextManager[None]],
+    existing_pool: None,
+    args: list[str],
+    send: Callable[[CtlAllocator], object],
+) -> None:
+    """The local refusal is exactly what the allocator answers to the same request."""
+    settings = resolve(
+        allocator=allocator_addr,
+        timeout="10",
+        tls_ca=None,
+        tls_cert=None,
+        tls_key=None,
+        environ={},
+        home=home,
+    )
+    with unchanged():
+        with CtlAllocator(settings) as client, pytest.raises(CtlError) as refused:
+            send(client)
+        local = _run(["--allocator", f"unix:{tmp_path}/nobody.sock", *args], _env(home))
+    assert (local.code, local.err) == (
+        refused.value.exit_code,
+        f"coilctl: {refused.value.message}\n",
+    )
+
+
+def test_node_release_checks_the_name_before_asking(home: Path, tmp_path: Path) -> None:
+    # No terminal and no --yes: the bad name is reported, not the missing confirmation.
+    r = _run(
+        ["--allocator", f"unix:{tmp_path}/nobody.sock", "node", "release", "Gh_ost"], _env(home)
+    )
+    failed(r, 1, 'node release node "Gh_ost"', "not a valid node name")
+
+
+def test_coil_core_is_loaded_only_to_check_arguments(home: Path, tmp_path: Path) -> None:
+    nobody = f"unix:{tmp_path}/nobody.sock"
+    probe = (
+        "import sys\nfrom coilctl.main import main\n"
+        "assert main(['completion', 'bash']) == 0\nassert main(['version']) == 0\n"
+        f"assert main(['--allocator', {nobody!r}, '--timeout', '1', 'pool', 'list']) == 3\n"
+        "assert 'coil_core' not in sys.modules\n"
+        f"assert main(['--allocator', {nobody!r}, 'pool', 'delete', 'Bad_Name']) == 1\n"
+        "assert 'coil_core' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, env=_env(home))
 
 
 # -- where the allocator is ----------------------------------------------------------------------

@@ -19,7 +19,13 @@ AGENT = (
     "coild.observe",
     "coild.batcher",
 )
-CTL = ("coilctl.main", "coilctl.client", "coilctl.render", "coilctl.completion")
+CTL = (
+    "coilctl.main",
+    "coilctl.arguments",
+    "coilctl.client",
+    "coilctl.render",
+    "coilctl.completion",
+)
 
 
 def _loaded(modules: tuple[str, ...]) -> list[str]:

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coil_core.blocks import block_key, parse_block_key, reserved_addresses
+from coil_core.blocks import (
+    block_key,
+    find_overlap,
+    parse_block_key,
+    reserved_addresses,
+    validate_block_size,
+    validate_pool_subnet,
+)
 from coil_core.errors import InvalidArgument
-from coil_core.rules import Address, Network, parse_address, validate_attachment, validate_pod
+from coil_core.rules import (
+    Address,
+    Network,
+    parse_address,
+    parse_subnet,
+    validate_attachment,
+    validate_pod,
+    validate_pool_name,
+)
 
 
 class Family(enum.IntEnum):
@@ -29,6 +45,34 @@ class Pool:
     name: str
     subnets: tuple[Network, ...]
     block_bits: int
+
+    @classmethod
+    def from_strings(
+        cls, name: str, subnets: Sequence[str], block_bits: int, op: str = "pool create"
+    ) -> Pool:
+        """A new pool, checked on its own (not against other pools): the allocator's
+        `pool create` and coilctl's check before sending it apply this one rule.
+
+        Raises:
+            InvalidArgument: the name is not a namespace name; no subnet is given; the block
+                size is negative; a subnet is not a CIDR, overlaps a range pods cannot use, is
+                too small, or is smaller than a block; two of the subnets overlap.
+        """
+        validate_pool_name(name, op)
+        if not subnets:
+            raise InvalidArgument(f'{op} "{name}": at least one subnet is required')
+        if block_bits < 0:
+            raise InvalidArgument(f'{op} "{name}": block size {block_bits} is negative')
+        parsed: list[Network] = []
+        for text in subnets:
+            subnet = parse_subnet(text, f'{op} "{name}" subnet')
+            validate_pool_subnet(subnet, f'{op} "{name}" subnet')
+            validate_block_size(subnet, block_bits, f'{op} "{name}"')
+            clash = find_overlap(subnet, [(name, s) for s in parsed])
+            if clash:
+                raise InvalidArgument(f'{op} "{name}": subnets "{clash[1]}" and "{subnet}" overlap')
+            parsed.append(subnet)
+        return cls(name, tuple(parsed), block_bits)
 
     def subnets_of(self, family: Family) -> tuple[Network, ...]:
         return tuple(s for s in self.subnets if s.version == family)

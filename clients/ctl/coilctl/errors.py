@@ -8,7 +8,9 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-"""The allocator refused or failed the request, or the operator declined a confirmation."""
+"""The allocator refused or failed the request, or an argument breaks one of the allocator's rules
+(checked before connecting, `coilctl.arguments`: same message, same code as the allocator's
+INVALID_ARGUMENT answer), or the operator declined a confirmation."""
 EXIT_USAGE = 2
 """Bad command line, configuration file or environment; nothing was sent to the allocator."""
 EXIT_UNREACHABLE = 3

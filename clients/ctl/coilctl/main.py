@@ -1,9 +1,10 @@
 """coilctl: the operator's command-line client of the allocator.
 
 Each command is one RPC (`coilctl.client`) and a rendering of its answer (`coilctl.render`).
-Errors go to stderr as ``coilctl: <message>`` with the exit codes of `coilctl.errors`: 1 when the
-allocator refuses, 2 for usage errors, 3 when the allocator cannot be reached, 4 when `check`
-finds problems it did not repair; never a traceback.
+Arguments are first checked with the allocator's own rules (`coilctl.arguments`), without
+connecting. Errors go to stderr as ``coilctl: <message>`` with the exit codes of `coilctl.errors`:
+1 when the allocator refuses (or would, by those rules), 2 for usage errors, 3 when the allocator
+cannot be reached, 4 when `check` finds problems it did not repair; never a traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from coilctl.errors import EXIT_FAILED, EXIT_FINDINGS, EXIT_OK, CtlError, UsageE
 if TYPE_CHECKING:
     from coilctl.client import Allocator
 
-MAX_UINT32 = 2**32 - 1
-
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -37,23 +36,6 @@ def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None
         print(json.dumps(document, indent=2))
     else:
         print(text)
-
-
-def _block_size(name: str, text: str) -> int:
-    """SIZE of `pool create`: the proto field is unsigned, so a negative size cannot be sent."""
-    op = f'pool create "{name}"'
-    try:
-        bits = int(text, 10)
-    except ValueError:
-        raise UsageError(f'{op}: block size "{text}" is not a whole number') from None
-    if bits < 0:
-        raise UsageError(
-            f'{op}: block size "{text}" is negative (SIZE is the exponent: blocks of 2^SIZE '
-            "addresses)"
-        )
-    if bits > MAX_UINT32:
-        raise UsageError(f'{op}: block size "{text}" is out of range')
-    return bits
 
 
 def confirm(question: str, subject: str, yes: bool) -> None:
@@ -82,7 +64,9 @@ def _pool(args: argparse.Namespace, allocator: Allocator) -> None:
     from coilctl import render
 
     if args.action == "create":
-        bits = _block_size(args.name, args.size)
+        from coilctl.arguments import block_size
+
+        bits = block_size(args.name, args.size)
         created = allocator.create_pool(args.name, [args.subnet, *args.extra_subnets], bits)
         _emit(
             args,
@@ -147,6 +131,19 @@ def _check(args: argparse.Namespace, allocator: Allocator) -> None:
         raise CtlError("check: problems found (see above)", EXIT_FINDINGS)
 
 
+CHECKED = {
+    ("pool", "create"),
+    ("pool", "add-subnet"),
+    ("pool", "show"),
+    ("pool", "delete"),
+    ("node", "blocks"),
+    ("node", "release"),
+    ("address", "info"),
+    ("address", "free"),
+}
+"""(command, action) pairs whose arguments `coilctl.arguments` checks with the allocator's rules;
+only these load coil_core."""
+
 HANDLERS = {
     "pool": _pool,
     "node": _node,
@@ -174,10 +171,12 @@ def run(args: argparse.Namespace) -> None:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )
-    # Validate and confirm before connecting, so a refusal never reaches the allocator.
-    if args.command == "pool" and args.action == "create":
-        _block_size(args.name, args.size)
-    elif args.command == "node" and args.action == "release":
+    # Check and confirm before connecting, so a refusal never reaches the allocator.
+    if (args.command, getattr(args, "action", "")) in CHECKED:
+        from coilctl import arguments
+
+        arguments.check(args)
+    if args.command == "node" and args.action == "release":
         confirm(
             f'Release every block and address of node "{args.node}"?',
             f'node release "{args.node}"',

@@ -46,7 +46,6 @@ from coil_core.errors import (
     AlreadyExists,
     Conflict,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
 )
 from coil_core.model import (
@@ -68,26 +67,12 @@ class Pools(Part):
         overlap), AlreadyExists (name taken, or a subnet overlaps another pool's), Conflict.
         """
         op = "pool create"
-        validate_pool_name(name, op)
-        if not subnets:
-            raise InvalidArgument(f'{op} "{name}": at least one subnet is required')
-        if block_bits < 0:
-            raise InvalidArgument(f'{op} "{name}": block size {block_bits} is negative')
-        parsed: list[Network] = []
-        for text in subnets:
-            subnet = parse_subnet(text, f'{op} "{name}" subnet')
-            validate_pool_subnet(subnet, f'{op} "{name}" subnet')
-            validate_block_size(subnet, block_bits, f'{op} "{name}"')
-            clash = find_overlap(subnet, [(name, s) for s in parsed])
-            if clash:
-                raise InvalidArgument(f'{op} "{name}": subnets "{clash[1]}" and "{subnet}" overlap')
-            parsed.append(subnet)
-        pool = Pool(name, tuple(parsed), block_bits)
+        pool = Pool.from_strings(name, subnets, block_bits, op)
         for attempt in range(MAX_ATTEMPTS):
             pools, rev = self._pools()
             if name in pools:
                 raise AlreadyExists(f'{op} "{name}": a pool of that name exists')
-            self._check_overlap(op, name, parsed, pools)
+            self._check_overlap(op, name, pool.subnets, pools)
             result = self.store.txn(
                 [absent(self.keys.pool(name)), none_changed_since(self.keys.pools, rev)],
                 [Put(self.keys.pool(name), encode_pool(pool))],
@@ -147,10 +132,11 @@ class Pools(Part):
         """
         op = "pool show"
         validate_pool_name(name, op)
+        # The input is checked before the store is read (as coilctl checks it before sending).
+        wanted = parse_subnet(subnet_text, op) if subnet_text else None
         pool, kv = self._load_pool(name, op)
         subnets = pool.subnets
-        if subnet_text:
-            wanted = parse_subnet(subnet_text, op)
+        if wanted is not None:
             if wanted not in pool.subnets:
                 raise NotFound(f'{op} "{name}": subnet "{wanted}" is not one of the pool\'s')
             subnets = (wanted,)
