@@ -31,6 +31,7 @@ from coilctl.client import Allocator as CtlAllocator
 from coilctl.config import resolve
 from coilctl.errors import CtlError
 from tests.conftest import snapshot, usable
+from tests.harness.pki import Pki
 
 COILCTL = Path(sys.executable).parent / "coilctl"
 
@@ -920,35 +921,29 @@ def test_bad_flags(home: Path) -> None:
 
 
 def test_default_address(home: Path) -> None:
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", 9380)) == 0:
-            pytest.skip("something listens on 127.0.0.1:9380")
-    failed(_run(["usage"], _env(home)), 3, '"127.0.0.1:9380"', "(from default)")
+    """The default is the allocator's default: its root-only UNIX socket."""
+    if os.path.exists("/run/coil/allocator.sock"):
+        pytest.skip("an allocator serves /run/coil/allocator.sock")
+    failed(_run(["usage"], _env(home)), 3, '"unix:/run/coil/allocator.sock"', "(from default)")
 
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, Path]:
-    """A CA and a server certificate for localhost, made with openssl."""
-    d = tmp_path / "tls"
-    d.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem",
-    )  # fmt: skip
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", "server.key", "-out", "server.csr",
-    )  # fmt: skip
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost\n")
-    openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "server.pem",
-    )  # fmt: skip
-    return {name: d / name for name in ("ca.pem", "server.pem", "server.key")}
+    """A CA, a server certificate for localhost and an operator's client certificate."""
+    pki = Pki(tmp_path / "tls")
+    ca = pki.ca("test-ca")
+    server = pki.issue(ca, "localhost", server=True)
+    operator = pki.operator(ca, "alice")
+    viewer = pki.viewer(ca, "bob")
+    return {
+        "ca.pem": ca.cert,
+        "server.pem": server.cert,
+        "server.key": server.key,
+        "alice.pem": operator.cert,
+        "alice.key": operator.key,
+        "bob.pem": viewer.cert,
+        "bob.key": viewer.key,
+    }
 
 
 def test_tls(allocator: Allocator, home: Path, tls_files: dict[str, Path]) -> None:
@@ -957,25 +952,46 @@ def test_tls(allocator: Allocator, home: Path, tls_files: dict[str, Path]) -> No
     from coil_allocator.servicer import serve
 
     credentials = grpc.ssl_server_credentials(
-        [(tls_files["server.key"].read_bytes(), tls_files["server.pem"].read_bytes())]
+        [(tls_files["server.key"].read_bytes(), tls_files["server.pem"].read_bytes())],
+        root_certificates=tls_files["ca.pem"].read_bytes(),
+        require_client_auth=True,
     )
     server, port = serve(allocator, "localhost:0", credentials=credentials)
     try:
         allocator.create_pool("secure", ["10.0.0.0/24"], 2)
         address = f"localhost:{port}"
-        r = _run(
-            ["--allocator", address, "--tls-ca", str(tls_files["ca.pem"]), "pool", "list"],
-            _env(home),
-        )
+        tls = ["--tls-ca", str(tls_files["ca.pem"])]
+        operator = [*tls, "--tls-cert", str(tls_files["alice.pem"])]
+        operator += ["--tls-key", str(tls_files["alice.key"])]
+        r = _run(["--allocator", address, *operator, "pool", "list"], _env(home))
         assert r.code == 0, r.err
         assert "secure" in r.out
-        # From the config file, with a path relative to it.
-        (home / "ca.pem").write_bytes(tls_files["ca.pem"].read_bytes())
-        (home / ".coilctl.yaml").write_text(f"allocator: {address}\ntls-ca: ca.pem\n")
+        # From the config file, with paths relative to it.
+        for name in ("ca.pem", "alice.pem", "alice.key"):
+            (home / name).write_bytes(tls_files[name].read_bytes())
+        (home / ".coilctl.yaml").write_text(
+            f"allocator: {address}\ntls-ca: ca.pem\ntls-cert: alice.pem\ntls-key: alice.key\n"
+        )
         r = _run(["pool", "list"], _env(home))
         assert r.code == 0, r.err
-        # Without the CA, the handshake fails: unreachable.
+        # A viewer reads, and is refused a change with the reason.
+        viewer = [*tls, "--tls-cert", str(tls_files["bob.pem"]), "--tls-key"]
+        viewer += [str(tls_files["bob.key"])]
+        r = _run(["--allocator", address, *viewer, "pool", "list"], _env(home / "nowhere"))
+        assert r.code == 0, r.err
+        r = _run(
+            ["--allocator", address, *viewer, "pool", "delete", "secure"],
+            _env(home / "nowhere"),
+        )
+        assert r.code != 0 and 'DeletePool: viewer "bob" may only read' in r.err, r.err
+        assert [p.name for p in allocator.list_pools()] == ["secure"]
+        # Without the CA, or without a certificate, the handshake fails: unreachable.
         failed(_run(["--allocator", address, "pool", "list"], _env(home / "nowhere")), 3, address)
+        failed(
+            _run(["--allocator", address, *tls, "pool", "list"], _env(home / "nowhere")),
+            3,
+            address,
+        )
     finally:
         server.stop(grace=None)
 

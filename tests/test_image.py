@@ -233,9 +233,11 @@ def cluster(image: str, tmp_path: Path) -> Iterator[dict[str, Node]]:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         name = f"{PREFIX}allocator-{uuid.uuid4().hex[:8]}"
+        # Plaintext TCP on the test's own node network (--insecure: every caller is an operator);
+        # what mutual TLS and the node identities allow is tests/test_authz.py's subject.
         one.podman(
             "run", "-d", *one.host_network("allocator", name), image, "coil-allocator",
-            "--listen", f"0.0.0.0:{ALLOCATOR.split(':')[1]}", "--etcd-endpoints",
+            "--listen", f"0.0.0.0:{ALLOCATOR.split(':')[1]}", "--insecure", "--etcd-endpoints",
             "127.0.0.1:2379", "--etcd-prefix", "/coil/",
         )  # fmt: skip
         wait_until(

@@ -21,10 +21,11 @@ from coil.v1 import nodeagent_pb2_grpc as npb_grpc
 from coil_allocator.allocator import Allocator
 from coil_allocator.main import FLAGS as ALLOCATOR_FLAGS
 from coild.main import FLAGS as COILD_FLAGS
-from tests.harness.cluster import BIN, spawn, wait_until
-from tests.harness.etcd import EtcdServer
+from tests.harness.cluster import BIN, Proc, spawn, wait_until
+from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.net import Netns
 from tests.harness.pki import Pki
+from tests.harness.relay import relay_into
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -426,7 +427,9 @@ def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
     kubelet_pem.chmod(0o600)
     allocator.create_pool("default", ["10.76.0.0/24"], 3)
 
-    listen = f"unix:{tmp_path}/allocator.sock"
+    # TLS on TCP (the allocator's UNIX sockets are plaintext, for root on the host), relayed into
+    # the node's namespace as 127.0.0.1:9380 there.
+    listen = f"127.0.0.1:{free_port()}"
     tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
     tls += ["--tls-client-ca", str(cluster_ca.cert)]
     alloc = spawn(
@@ -439,11 +442,13 @@ def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
     socket = tmp_path / "coil" / "coild.sock"
     socket.parent.mkdir()
     coild = None
+    relays: list[Proc] = []
     try:
+        relays = relay_into(ns, 9380, listen, tmp_path)
         bounding = ",".join(["-all", *(f"+{c.lower()}" for c in caps)])
         env = {
             "COIL_NODE_NAME": "node-1",
-            "COIL_ALLOCATOR": listen,
+            "COIL_ALLOCATOR": "127.0.0.1:9380",
             "COILD_ALLOCATOR_TLS_SERVER_NAME": server_name,
             "COILD_ALLOCATOR_TLS_CA": str(coil_ca.cert),
             "COILD_ALLOCATOR_TLS_CERT": str(kubelet_pem),
@@ -485,6 +490,8 @@ def test_coild_needs_exactly_the_capabilities_the_manifest_grants(
     finally:
         if coild is not None:
             coild.stop()
+        for relay in relays:
+            relay.stop()
         alloc.stop()
         ns.delete()
 

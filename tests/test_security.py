@@ -9,6 +9,7 @@ Tests that need root (namespaces, other users) are marked `root` and remove what
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,12 +37,13 @@ from coil.v1 import nodeagent_pb2 as npb
 from coil.v1 import nodeagent_pb2_grpc as npb_grpc
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coild.allocator_client import AllocatorClient
-from coild.errors import AllocatorUnavailable
+from coild.errors import AllocatorRejected, AllocatorUnavailable
 from tests.conftest import snapshot
 from tests.harness.cluster import BIN, Proc, spawn, start_allocator, start_coild, wait_until
 from tests.harness.etcd import EtcdServer, free_port, start_etcd
 from tests.harness.net import Netns
 from tests.harness.pki import Ca, KeyPair, Pki
+from tests.harness.relay import relay_into
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 ETCDCTL = str(BIN / "etcdctl")
@@ -53,8 +56,12 @@ class Certs:
     other_ca: Ca
     etcd: KeyPair  # server certificate of the TLS etcd
     allocator: KeyPair  # server certificate of the allocator's gRPC
-    client: KeyPair  # signed by `ca`
+    client: (
+        KeyPair  # signed by `ca`: etcd's client; an operator of the allocator (O coil:operators)
+    )
     foreign: KeyPair  # a client certificate signed by `other_ca`
+    node_tls: KeyPair  # the kubelet-style certificates of nodes "node-tls" and "node-good"
+    node_good: KeyPair
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +73,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         other_ca=other_ca,
         etcd=pki.issue(ca, "etcd", server=True),
         allocator=pki.issue(ca, "coil-allocator", server=True),
-        client=pki.issue(ca, "coil-client"),
+        client=pki.operator(ca, "coil-client"),
         foreign=pki.issue(other_ca, "intruder"),
+        node_tls=pki.node(ca, "node-tls"),
+        node_good=pki.node(ca, "node-good"),
     )
 
 
@@ -413,7 +422,7 @@ def test_etcd_password_and_password_file_exclude_each_other(
     code = wait_exit(proc)
     log = proc.log.read_text()
     assert code == 2, log
-    assert "--etcd-password (COIL_ETCD_PASSWORD) and --etcd-password-file" in log
+    assert "COIL_ETCD_PASSWORD and --etcd-password-file (COIL_ETCD_PASSWORD_FILE) exclude" in log
     assert auth_etcd.password not in log
 
 
@@ -431,7 +440,9 @@ def test_world_readable_secret_file_is_warned_about(
         env["COIL_ETCD_PASSWORD"] = auth_etcd.password
     proc, _ = run_allocator(tmp_path, auth_etcd.server.endpoint, "/coil/sec-ww/", extra, env=env)
     try:
-        wait_until("the warning", lambda: "readable by" in proc.log.read_text(), proc=proc)
+        # The warning comes first; the allocator may exit after it (an etcd TLS key without
+        # its certificate is refused), so do not fail on the exit itself.
+        wait_until("the warning", lambda: "readable by" in proc.log.read_text() or not proc.alive())
     finally:
         proc.stop()
     log = proc.log.read_text()
@@ -603,8 +614,14 @@ def test_coilctl_without_accepted_certificate_is_refused(
 
 
 def test_coild_client_with_certificate_claims_a_block(tls_allocator: TlsAllocator) -> None:
-    client = AllocatorClient(tls_allocator.addr, 5, tls_allocator.client_credentials())
+    """coild's client with its node's certificate claims for its node, and only for it."""
+    node = credentials(tls_allocator.certs.ca.cert, tls_allocator.certs.node_tls)
+    client = AllocatorClient(tls_allocator.addr, 5, node)
     try:
+        before = tls_allocator.snapshot()
+        with pytest.raises(AllocatorRejected, match='may act only for itself, not for "node-x"'):
+            client.claim_block("node-x", "default", 4)
+        assert tls_allocator.snapshot() == before
         assert [p.name for p in client.list_pools()] == ["default"]
         block = client.claim_block("node-tls", "default", 4)
         assert block.node == "node-tls"
@@ -662,66 +679,19 @@ def allocate(socket: Path, container_id: str, timeout: float = 10) -> npb.Alloca
         )
 
 
-# Inside a node namespace coild cannot reach the host's loopback; this forwarder, run in the
-# namespace, carries its (TLS) connections to 127.0.0.1:PORT there to the allocator's UNIX socket.
-FORWARDER = textwrap.dedent(
-    """
-    import asyncio, sys
-    path, port = sys.argv[1], int(sys.argv[2])
-
-    async def pipe(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader, writer):
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_unix_connection(path)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-    async def main():
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
-        print("listening", flush=True)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-    """
-)
-
-
 @pytest.mark.root
 def test_real_coild_uses_tls_with_client_certificate(
     etcd_server: EtcdServer, store: EtcdStore, certs: Certs, node_ns: Netns, tmp_path: Path
 ) -> None:
     """The real coild in a node namespace reaches the TLS allocator as "127.0.0.1:9380" (the
-    certificate names 127.0.0.1), through FORWARDER to the allocator's UNIX socket."""
-    allocator = start_tls_allocator(
-        etcd_server, store, certs, tmp_path, f"unix:{tmp_path}/allocator.sock"
-    )
-    forwarder = spawn(
-        "forwarder",
-        [
-            "ip",
-            "netns",
-            "exec",
-            node_ns.name,
-            sys.executable,
-            "-c",
-            FORWARDER,
-            allocator.addr.removeprefix("unix:"),
-            "9380",
-        ],
-        tmp_path / "forwarder.log",
-    )
+    certificate names 127.0.0.1) through a relay into its namespace, with the kubelet-style
+    certificate of its node; another node's certificate gets it nothing."""
+    allocator = start_tls_allocator(etcd_server, store, certs, tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        forwarders = relay_into(node_ns, 9380, allocator.addr, tmp_path)
+    except BaseException:
+        allocator.proc.stop()
+        raise
 
     def coild(node: str, pair: KeyPair, wait: bool = True) -> tuple[Proc, Path]:
         socket = tmp_path / f"{node}.sock"
@@ -733,8 +703,7 @@ def test_real_coild_uses_tls_with_client_certificate(
         return proc, socket
 
     try:
-        wait_until("forwarder", lambda: "listening" in forwarder.tail(), proc=forwarder)
-        good, socket = coild("node-good", certs.client)
+        good, socket = coild("node-good", certs.node_good)
         try:
             addresses = allocate(socket, uuid.uuid4().hex).addresses
             assert [a.pool for a in addresses] == ["default"]
@@ -767,8 +736,26 @@ def test_real_coild_uses_tls_with_client_certificate(
         assert allocator.snapshot() == before
         assert not any("node-bad" in key for key in before)
         assert any(key.startswith(f"{allocator.prefix}nodes/node-good/") for key in before)
+
+        # node-good's certificate in another node's coild: every node call is refused.
+        imposter, socket = coild("node-imposter", certs.node_good, wait=False)
+        try:
+            wait_until(
+                "coild node-imposter refused",
+                lambda: "cannot rebuild state yet" in imposter.tail(),
+                proc=imposter,
+            )
+            assert 'node "node-good" may act only for itself, not for "node-imposter"' in (
+                imposter.tail()
+            )
+            with pytest.raises(grpc.RpcError):
+                allocate(socket, uuid.uuid4().hex)
+        finally:
+            imposter.stop()
+        assert allocator.snapshot() == before
     finally:
-        forwarder.stop()
+        for forwarder in forwarders:
+            forwarder.stop()
         allocator.proc.stop()
 
 
@@ -884,3 +871,254 @@ def test_metrics_listen_on_loopback_by_default(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("COILD_METRICS_ADDR", raising=False)
     assert allocator_args([]).metrics_addr.startswith("127.0.0.1:")
     assert coild_args(["--node-name", "x"]).metrics_addr.startswith("127.0.0.1:")
+
+
+# -- 7. safe by default --------------------------------------------------------------------------
+
+
+def test_every_part_defaults_to_the_allocators_unix_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    from coil_allocator.main import parse_args as allocator_args
+    from coilctl.config import DEFAULT_ALLOCATOR
+    from coild.main import parse_args as coild_args
+
+    for env in ("COIL_LISTEN", "COIL_ALLOCATOR", "COIL_INSECURE"):
+        monkeypatch.delenv(env, raising=False)
+    args = allocator_args([])
+    assert args.listen == ["unix:/run/coil/allocator.sock"] and not args.insecure
+    assert coild_args(["--node-name", "x"]).allocator == "unix:/run/coil/allocator.sock"
+    assert DEFAULT_ALLOCATOR == "unix:/run/coil/allocator.sock"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "a TCP address needs --tls-cert, --tls-key and --tls-client-ca"),
+        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "a TCP address needs --tls-cert"),
+    ],
+    ids=["plaintext", "no-client-ca"],
+)
+def test_tcp_without_client_certificates_is_refused(
+    flags: list[str], message: str, tmp_path: Path
+) -> None:
+    proc, _ = run_allocator(
+        tmp_path, "127.0.0.1:1", "/coil-sec-refused/", flags, listen=f"127.0.0.1:{free_port()}"
+    )
+    code = wait_exit(proc)
+    log = proc.log.read_text()
+    assert code == 2, log
+    assert message in log and "--insecure" in log
+    assert "Traceback" not in log
+
+
+def test_insecure_warns_at_start_and_on_metrics(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    import urllib.request
+
+    metrics = free_port()
+    proc, addr = run_allocator(
+        tmp_path,
+        etcd_server.endpoint,
+        f"/coil-sec-{uuid.uuid4().hex[:8]}/",
+        ["--insecure", "--metrics-addr", f"127.0.0.1:{metrics}"],
+        listen=f"127.0.0.1:{free_port()}",
+    )
+    try:
+        wait_answering(proc, addr)
+        # Anyone who reaches the port is an operator: that is what --insecure means.
+        create_pool(addr, None, "default", "10.77.0.0/24")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert "coil_allocator_insecure 1.0" in text
+        log = proc.log.read_text()
+        assert "level=WARNING" in log and "--insecure" in log and "is an operator" in log
+        assert 'method=CreatePool identity="anonymous (--insecure)" via=none role=operator' in log
+    finally:
+        proc.stop()
+
+
+def test_etcd_password_flag_is_refused(tmp_path: Path) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    proc, _ = run_allocator(tmp_path, "127.0.0.1:1", "/x/", ["--etcd-password", password])
+    code = wait_exit(proc)
+    log = proc.log.read_text()
+    assert code == 2, log
+    assert "--etcd-password" in log and "COIL_ETCD_PASSWORD" in log
+    assert "--etcd-password-file" in log
+    assert password not in log
+
+
+def test_bad_policy_file_stops_the_allocator(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[match]]\nrole = "admin"\norganization = "x"\n')
+    proc, _ = run_allocator(tmp_path, "127.0.0.1:1", "/x/", ["--policy", str(policy)])
+    code = wait_exit(proc)
+    log = proc.log.read_text()
+    assert code == 2, log
+    assert f"policy file {str(policy)!r}: match #1: role 'admin' is not one of" in log
+
+
+# -- 8. expensive reads cannot starve claims ----------------------------------------------------
+
+
+def test_concurrent_checks_do_not_starve_claims(
+    etcd_server: EtcdServer, store: EtcdStore, tmp_path: Path
+) -> None:
+    """40 callers running CheckStore at once: claims and records still all succeed, and the
+    checks beyond the bound are refused at once with UNAVAILABLE."""
+    prefix = f"/coil-sec-{uuid.uuid4().hex[:8]}/"
+    proc, addr = run_allocator(tmp_path, etcd_server.endpoint, prefix, ["--expensive-reads", "2"])
+    try:
+        wait_answering(proc, addr)
+        create_pool(addr, None, "default", "10.80.0.0/16")
+        stop = threading.Event()
+        outcomes: list[str] = []
+
+        def check() -> None:
+            with channel(addr, None) as ch:
+                stub = apb_grpc.AllocatorServiceStub(ch)
+                while not stop.is_set():
+                    try:
+                        stub.CheckStore(apb.CheckStoreRequest(), timeout=30)
+                        outcomes.append("OK")
+                    except grpc.RpcError as e:
+                        outcomes.append(e.code().name)
+                        if e.code() == grpc.StatusCode.UNAVAILABLE:
+                            assert "too many expensive reads" in (e.details() or "")
+
+        checkers = [threading.Thread(target=check) for _ in range(40)]
+        for t in checkers:
+            t.start()
+        try:
+            with channel(addr, None) as ch:
+                stub = apb_grpc.AllocatorServiceStub(ch)
+                for i in range(60):
+                    block = stub.ClaimBlock(
+                        apb.ClaimBlockRequest(node=f"n{i % 6}", pool="default"), timeout=5
+                    ).block
+                    address = str(ipaddress.ip_network(block.cidr).network_address + 4)
+                    result = stub.RecordAllocations(
+                        apb.RecordAllocationsRequest(
+                            node=block.node,
+                            items=[
+                                apb.RecordItem(
+                                    address=address,
+                                    pool="default",
+                                    block=block.cidr,
+                                    owner=apb.Owner(
+                                        namespace="d", pod="p", container_id=f"c{i}", interface="e"
+                                    ),
+                                )
+                            ],
+                        ),
+                        timeout=5,
+                    ).results[0]
+                    assert result.outcome == apb.RECORD_OUTCOME_RECORDED, result.message
+        finally:
+            stop.set()
+            for t in checkers:
+                t.join(60)
+        assert "OK" in outcomes
+        assert "UNAVAILABLE" in outcomes
+        assert set(outcomes) <= {"OK", "UNAVAILABLE"}
+        assert proc.alive()
+    finally:
+        proc.stop()
+
+
+# -- 9. the metrics server cannot be grown by idle clients ---------------------------------------
+
+
+def test_idle_metrics_clients_do_not_grow_the_allocator(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """200 connections that send nothing: at most 16 handler threads, each dropped after the
+    5 s read timeout; a scrape works again afterwards."""
+    import socket as socket_module
+    import urllib.request
+
+    metrics = free_port()
+    proc, addr = run_allocator(
+        tmp_path,
+        etcd_server.endpoint,
+        f"/coil-sec-{uuid.uuid4().hex[:8]}/",
+        ["--metrics-addr", f"127.0.0.1:{metrics}"],
+    )
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{proc.popen.pid}/task"))
+
+    idle: list[socket_module.socket] = []
+    try:
+        wait_answering(proc, addr)
+        url = f"http://127.0.0.1:{metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200
+        before = threads()
+        for _ in range(200):
+            idle.append(socket_module.create_connection(("127.0.0.1", metrics), timeout=5))
+        time.sleep(1)
+        assert threads() <= before + 16, (before, threads())
+        # The idle ones are dropped after the read timeout; then a scrape gets through.
+        wait_until("threads back", lambda: threads() <= before + 1, timeout=20, proc=proc)
+        for s in idle:
+            s.close()
+        idle.clear()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200 and b"coil_allocator_rpcs" in r.read()
+    finally:
+        for s in idle:
+            s.close()
+        proc.stop()
+
+
+# -- 10. certificates rotate without a restart ---------------------------------------------------
+
+
+def test_allocator_reads_rotated_tls_files_for_new_connections(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    pki = Pki(tmp_path / "pki")
+    old_ca, new_ca = pki.ca("old-ca"), pki.ca("new-ca")
+    old_operator, new_operator = pki.operator(old_ca, "old-op"), pki.operator(new_ca, "new-op")
+    server, other = pki.issue(old_ca, "srv", server=True), pki.issue(old_ca, "srv2", server=True)
+    live = tmp_path / "live"
+    live.mkdir()
+    files = {"cert": live / "tls.crt", "key": live / "tls.key", "ca": live / "client-ca.crt"}
+
+    def put(name: str, source: Path) -> None:  # as a rotation does: a new file renamed over
+        staged = live / f".{name}.new"
+        shutil.copyfile(source, staged)
+        staged.chmod(0o600)
+        staged.rename(files[name])
+
+    put("cert", server.cert)
+    put("key", server.key)
+    put("ca", old_ca.cert)
+    tls = ["--tls-cert", str(files["cert"]), "--tls-key", str(files["key"])]
+    tls += ["--tls-client-ca", str(files["ca"])]
+    proc, addr = run_allocator(
+        tmp_path, etcd_server.endpoint, f"/coil-sec-{uuid.uuid4().hex[:8]}/", tls,
+        listen=f"127.0.0.1:{free_port()}",
+    )  # fmt: skip
+
+    def names(pair: KeyPair) -> list[str] | str:
+        try:
+            return pool_names(addr, credentials(old_ca.cert, pair))
+        except grpc.RpcError as e:
+            return e.code().name
+
+    try:
+        wait_answering(proc, addr, credentials(old_ca.cert, old_operator))
+        assert names(old_operator) == [] and names(new_operator) == "UNAVAILABLE"
+        # Clients move to the new CA: the bundle holds it, new connections accept it.
+        put("ca", new_ca.cert)
+        assert names(new_operator) == [] and names(old_operator) == "UNAVAILABLE"
+        # Half a rotation (a certificate without its key) is not served: the old pair stays.
+        put("cert", other.cert)
+        assert names(new_operator) == []
+        assert "cannot be read; keeping the old ones" in proc.log.read_text()
+        assert "is not the key of the certificate" in proc.log.read_text()
+        put("key", other.key)
+        assert names(new_operator) == []
+        assert proc.alive()
+    finally:
+        proc.stop()

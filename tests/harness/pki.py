@@ -6,6 +6,9 @@ certificate is valid for one day; nothing leaves the directory given to `Pki`.
     ca = pki.ca("coil-test-ca")
     server = pki.issue(ca, "etcd", server=True)
     client = pki.issue(ca, "coil-allocator")
+    node = pki.node(ca, "node-1")          # CN system:node:node-1, O system:nodes (a kubelet's)
+    operator = pki.operator(ca, "alice")   # CN alice, O coil:operators
+    viewer = pki.viewer(ca, "bob")         # CN bob, O coil:viewers
 """
 
 from __future__ import annotations
@@ -86,10 +89,12 @@ class Pki:
         server: bool = False,
         names: str = SERVER_NAMES,
         subject: str = "",
+        sans: tuple[str, ...] = (),
     ) -> KeyPair:
         """A certificate for `name` signed by `ca`: for clients only, or with `server` also for
         servers at `names` (subject alternative names; 127.0.0.1 and localhost by default).
-        `subject` replaces the subject "/CN=`name`" (e.g. "/O=system:nodes/CN=system:node:n1")."""
+        `subject` replaces the subject "/CN=`name`" (e.g. "/O=system:nodes/CN=system:node:n1");
+        `sans` adds subject alternative names in openssl's form ("URI:spiffe://x", "DNS:a.b")."""
         cert, key, csr = (self.dir / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
         extensions = self.dir / f"{name}.ext"
         usages = "serverAuth,clientAuth" if server else "clientAuth"
@@ -98,8 +103,9 @@ class Pki:
             "keyUsage=critical,digitalSignature,keyEncipherment",
             f"extendedKeyUsage={usages}",
         ]
-        if server:
-            lines.append(f"subjectAltName={names}")
+        alt_names = [*(names.split(",") if server else []), *sans]
+        if alt_names:
+            lines.append(f"subjectAltName={','.join(alt_names)}")
         extensions.write_text("\n".join(lines) + "\n")
         _openssl(
             "req",
@@ -137,3 +143,15 @@ class Pki:
         csr.unlink()
         extensions.unlink()
         return KeyPair(name, cert, key, ca.cert)
+
+    def node(self, ca: Ca, node: str) -> KeyPair:
+        """A kubelet's client certificate for `node`: CN system:node:<node>, O system:nodes."""
+        return self.issue(ca, f"node-{node}", subject=f"/O=system:nodes/CN=system:node:{node}")
+
+    def operator(self, ca: Ca, name: str) -> KeyPair:
+        """An operator's client certificate under the default policy: O coil:operators."""
+        return self.issue(ca, name, subject=f"/O=coil:operators/CN={name}")
+
+    def viewer(self, ca: Ca, name: str) -> KeyPair:
+        """A viewer's client certificate under the default policy: O coil:viewers."""
+        return self.issue(ca, name, subject=f"/O=coil:viewers/CN={name}")

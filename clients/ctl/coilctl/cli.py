@@ -49,7 +49,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         metavar="ADDR",
         default=default(None),
         help='allocator address, "host:port" or "unix:PATH" (default: $COILCTL_ALLOCATOR, '
-        'else "allocator:" in ~/.coilctl.yaml, else 127.0.0.1:9380)',
+        'else "allocator:" in ~/.coilctl.yaml, else unix:/run/coil/allocator.sock)',
     )
     group.add_argument(
         "--timeout",

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from coilctl.errors import UsageError
 
-DEFAULT_ALLOCATOR = "127.0.0.1:9380"
+# The allocator's default: a UNIX socket only root can reach (the allocator serves TCP only with
+# mutual TLS, see docs/security.md).
+DEFAULT_ALLOCATOR = "unix:/run/coil/allocator.sock"
 DEFAULT_TIMEOUT = 10.0
 ENV_ALLOCATOR = "COILCTL_ALLOCATOR"
 CONFIG_NAME = ".coilctl.yaml"
@@ -128,8 +130,8 @@ def resolve(
     """Settings from flags (the arguments; None when not given), the environment and the file.
 
     The allocator address comes from the flag, else $COILCTL_ALLOCATOR, else the file's
-    ``allocator:``, else 127.0.0.1:9380; the other settings from the flag, else the file.
-    Relative paths in the file are relative to the file's directory. Raises UsageError.
+    ``allocator:``, else unix:/run/coil/allocator.sock; the other settings from the flag, else
+    the file. Relative paths in the file are relative to the file's directory. Raises UsageError.
     """
     env = os.environ if environ is None else environ
     path = (home if home is not None else Path.home()) / CONFIG_NAME

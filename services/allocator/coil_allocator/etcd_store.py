@@ -321,6 +321,7 @@ def _kv(kv: Any) -> KeyValue:
         create_revision=int(kv.create_revision),
         mod_revision=int(kv.mod_revision),
         version=int(kv.version),
+        lease=int(kv.lease),
     )
 
 

@@ -1,7 +1,11 @@
 """`coil-allocator`: the central service that owns pools, block claims and allocation records.
 
-Every flag can also be set through a `COIL_` environment variable (shown in --help), so that an
-etcd password never has to appear on a command line.
+Every flag can also be set through a `COIL_` environment variable (shown in --help). Secrets come
+from files or the environment, never from flags (a command line is readable by every local user):
+the etcd password from COIL_ETCD_PASSWORD or --etcd-password-file.
+
+Safe by default (docs/security.md): without TLS flags the allocator serves only its UNIX socket
+(mode 0600, root only); a TCP address needs a server certificate and a client CA, or --insecure.
 """
 
 from __future__ import annotations
@@ -17,21 +21,29 @@ import threading
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coil_core.errors import CoilError
-from coil_core.flags import LOG_FORMAT, Flag, env_parser
+from coil_core.flags import LOG_FORMAT, Flag, check_numbers, env_parser
+from coil_grpc.files import key_file_warning, read_file
+from coil_grpc.listen import is_unix, split_addresses
 
 log = logging.getLogger("coil.allocator")
 
+DEFAULT_LISTEN = "unix:/run/coil/allocator.sock"
+
 FLAGS: tuple[Flag, ...] = (
     # flag, env, default, help
-    ("--listen", "COIL_LISTEN", "127.0.0.1:9380", 'gRPC address: "host:port" or "unix:PATH"'),
+    (
+        "--listen",
+        "COIL_LISTEN",
+        DEFAULT_LISTEN,
+        'gRPC addresses, comma-separated: "unix:PATH" (root only) or "host:port" (mutual TLS)',
+    ),
     ("--etcd-endpoints", "COIL_ETCD_ENDPOINTS", "127.0.0.1:2379", "comma-separated etcd endpoints"),
     ("--etcd-prefix", "COIL_ETCD_PREFIX", "/coil/", "key prefix of coil's data in etcd"),
-    ("--etcd-username", "COIL_ETCD_USERNAME", "", "etcd user (with --etcd-password)"),
     (
-        "--etcd-password",
-        "COIL_ETCD_PASSWORD",
+        "--etcd-username",
+        "COIL_ETCD_USERNAME",
         "",
-        "etcd password (prefer --etcd-password-file or the environment variable)",
+        "etcd user; its password from $COIL_ETCD_PASSWORD or --etcd-password-file",
     ),
     (
         "--etcd-password-file",
@@ -52,6 +64,18 @@ FLAGS: tuple[Flag, ...] = (
     ("--tls-cert", "COIL_TLS_CERT", "", "serve gRPC over TLS with this certificate file"),
     ("--tls-key", "COIL_TLS_KEY", "", "key file of --tls-cert"),
     ("--tls-client-ca", "COIL_TLS_CLIENT_CA", "", "require client certificates signed by this CA"),
+    (
+        "--policy",
+        "COIL_POLICY",
+        "",
+        "policy file: certificate subjects to roles (default: built in)",
+    ),
+    (
+        "--expensive-reads",
+        "COIL_EXPENSIVE_READS",
+        "4",
+        "CheckStore, GetPool, ListNodeBlocks with records served at once; more get UNAVAILABLE",
+    ),
 )
 
 
@@ -62,18 +86,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         FLAGS,
         "COIL_",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get("COIL_INSECURE", "") in ("1", "true", "yes"),
+        help="allow TCP without client certificates: every caller is then an operator "
+        "(env COIL_INSECURE=1; never in production)",
+    )
+    parser.add_argument("--etcd-password", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.etcd_password is not None:
+        parser.error(
+            "--etcd-password: a password on the command line is readable by every local user; "
+            "set COIL_ETCD_PASSWORD or use --etcd-password-file"
+        )
+    args.etcd_password = os.environ.get("COIL_ETCD_PASSWORD", "")
+    if args.etcd_password and args.etcd_password_file:
+        parser.error(
+            "COIL_ETCD_PASSWORD and --etcd-password-file (COIL_ETCD_PASSWORD_FILE) exclude each "
+            "other: give one"
+        )
+    check_numbers(parser, args, [("expensive_reads", int, 1, 1000)])
+    args.listen = split_addresses(args.listen)
+    if not args.listen:
+        parser.error("--listen: no address")
+    tcp = [a for a in args.listen if not is_unix(a)]
+    if tcp and not (args.tls_cert and args.tls_client_ca) and not args.insecure:
+        parser.error(
+            f"--listen {tcp[0]}: a TCP address needs --tls-cert, --tls-key and --tls-client-ca "
+            "(every caller then shows a certificate); --insecure allows it without"
+        )
     try:
         args.etcd_timeout = float(args.etcd_timeout)
         if args.etcd_timeout <= 0:
             raise ValueError
     except ValueError:
         parser.error(f"--etcd-timeout {args.etcd_timeout!r}: not a positive number of seconds")
-    if args.etcd_password and args.etcd_password_file:
-        parser.error(
-            "--etcd-password (COIL_ETCD_PASSWORD) and --etcd-password-file "
-            "(COIL_ETCD_PASSWORD_FILE) exclude each other: give one"
-        )
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -81,19 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _read_file(path: str, flag: str) -> bytes:
-    """A file's bytes; ValueError naming the flag and the path when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{flag} {path!r}: {e.strerror or e}") from None
-
-
 def _read_password(path: str) -> str:
     """The password in `path`, without one trailing newline; ValueError naming the flag when the
     file cannot be read, is not UTF-8 or holds nothing."""
-    raw = _read_file(path, "--etcd-password-file")
+    raw = read_file(path, "--etcd-password-file")
     try:
         text = raw.decode()
     except UnicodeDecodeError:
@@ -104,34 +143,6 @@ def _read_password(path: str) -> str:
     return password
 
 
-def _warn_if_exposed(path: str, flag: str) -> None:
-    """Log a warning when a secret file can be read by users other than this process's own user
-    and groups: world-readable, or group-readable by a group this process is not in."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return  # reading it reports the error, naming the flag
-    own_groups = {os.getegid(), *os.getgroups()}
-    if st.st_mode & 0o004:
-        who = "every user"
-    elif st.st_mode & 0o040 and st.st_gid not in own_groups:
-        who = f"group {st.st_gid}"
-    else:
-        return
-    log.warning(
-        "%s %r is readable by %s (mode %o): make it readable by this user only (chmod 600)",
-        flag,
-        path,
-        who,
-        st.st_mode & 0o777,
-    )
-
-
-def _split_hostport(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -139,33 +150,41 @@ def main(argv: list[str] | None = None) -> int:
         format=LOG_FORMAT,
         stream=sys.stderr,
     )
-    import grpc
     from grpc_health.v1 import health, health_pb2
-    from prometheus_client import start_http_server
+    from prometheus_client import Gauge, generate_latest
 
     from coil_allocator.metrics import AllocatorMetrics
     from coil_allocator.servicer import serve
+    from coil_grpc.http import serve_http
+    from coil_grpc.policy import PolicyError, load_policy
 
+    try:
+        policy = load_policy(args.policy)
+        if args.etcd_password_file:
+            args.etcd_password = _read_password(args.etcd_password_file)
+    except (PolicyError, ValueError) as e:
+        print(f"coil-allocator: {e}", file=sys.stderr)
+        return 2
     for path, flag in (
-        (args.etcd_password_file, "--etcd-password-file"),
-        (args.etcd_tls_key, "--etcd-tls-key"),
         (args.tls_key, "--tls-key"),
+        (args.etcd_tls_key, "--etcd-tls-key"),
+        (args.etcd_password_file, "--etcd-password-file"),
     ):
-        if path:
-            _warn_if_exposed(path, flag)
-    password = args.etcd_password
-    if args.etcd_password_file:
-        try:
-            password = _read_password(args.etcd_password_file)
-        except ValueError as e:
-            print(f"coil-allocator: {e}", file=sys.stderr)
-            return 2
+        warning = key_file_warning(path, flag) if path else None
+        if warning:
+            log.warning("%s", warning)
+    if args.insecure:
+        log.warning(
+            "--insecure: TCP callers need no certificate and every one of them is an operator; "
+            "anyone who reaches %s can do anything",
+            ",".join(a for a in args.listen if not is_unix(a)) or "the allocator",
+        )
     try:
         store = EtcdStore(
             EtcdConfig(
                 endpoints=tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()),
                 username=args.etcd_username or None,
-                password=password or None,
+                password=args.etcd_password or None,
                 tls_ca=args.etcd_tls_ca or None,
                 tls_cert=args.etcd_tls_cert or None,
                 tls_key=args.etcd_tls_key or None,
@@ -180,18 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics.watch_usage(allocator)
     credentials = None
     if args.tls_cert:
+        from coil_grpc.tls import ReloadingServerTls
+
         try:
-            cert = _read_file(args.tls_cert, "--tls-cert")
-            key = _read_file(args.tls_key, "--tls-key")
-            client_ca = (
-                _read_file(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
-            )
+            credentials = ReloadingServerTls(
+                args.tls_cert, args.tls_key, args.tls_client_ca or None
+            ).credentials
         except ValueError as e:
             print(f"coil-allocator: {e}", file=sys.stderr)
             return 2
-        credentials = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
-        )
     health_servicer = health.HealthServicer()
     try:
         server, _ = serve(
@@ -200,14 +216,36 @@ def main(argv: list[str] | None = None) -> int:
             observe=metrics.observe_rpc,
             credentials=credentials,
             health=health_servicer,
+            policy=policy,
+            insecure=args.insecure,
+            expensive_reads=args.expensive_reads,
         )
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, OSError) as e:
         hint = " (check that --tls-cert and --tls-key are a PEM certificate and its key)"
         print(f"coil-allocator: {e}{hint if credentials else ''}", file=sys.stderr)
         return 2
+    Gauge(
+        "coil_allocator_insecure",
+        "1 when started with --insecure: TCP callers need no certificate and are operators.",
+        registry=metrics.registry,
+    ).set(1 if args.insecure else 0)
     if args.metrics_addr:
-        host, port = _split_hostport(args.metrics_addr)
-        start_http_server(port, addr=host, registry=metrics.registry)
+        try:
+            serve_http(
+                args.metrics_addr,
+                {
+                    "/metrics": lambda: (
+                        200,
+                        generate_latest(metrics.registry),
+                        "text/plain; version=0.0.4",
+                    )
+                },
+                name="metrics",
+            )
+        except (OSError, ValueError) as e:
+            print(f"coil-allocator: --metrics-addr {args.metrics_addr!r}: {e}", file=sys.stderr)
+            server.stop(None)
+            return 2
     stop = threading.Event()
 
     def check_etcd() -> None:
@@ -227,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log.info(
-        "serving on %s, etcd %s, prefix %s", args.listen, args.etcd_endpoints, args.etcd_prefix
+        "serving on %s, etcd %s, prefix %s",
+        ",".join(args.listen),
+        args.etcd_endpoints,
+        args.etcd_prefix,
     )
     # Everything built so far lives as long as the process: keep it out of the cyclic collector's
     # scans, which otherwise revisit it under load.

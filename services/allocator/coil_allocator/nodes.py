@@ -289,16 +289,20 @@ class Nodes(Part):
         Returns the lease to send next time and its TTL. The `alive` key lives on the lease, so
         it disappears NODE_TTL seconds after the agent stops reporting; the `status` key stays,
         telling when the agent was last seen (rewritten when its routes change, or every
-        STATUS_REFRESH seconds). Raises InvalidArgument (bad node name; more than
+        STATUS_REFRESH seconds). Only the lease this node's `alive` key lives on is refreshed:
+        lease IDs are sequential, and a node that sends another's gets a lease of its own, the
+        other lease untouched. Raises InvalidArgument (bad node name; more than
         `MAX_REPORTED_ROUTES` routes or one that is not a CIDR: nothing is stored), Unavailable.
         """
         op = "node report"
         validate_node_name(node, op)
         wanted = validate_routes(routes, f'{op} "{node}"')
         now = self._now()
-        alive = lease_id > 0 and self.store.keep_alive(lease_id) > 0
-        if alive:
-            alive = self.store.get(self.keys.node_alive(node)) is not None
+        alive = False
+        if lease_id > 0:
+            mine = self.store.get(self.keys.node_alive(node))
+            alive = mine is not None and mine.lease == lease_id
+            alive = alive and self.store.keep_alive(lease_id) > 0
         if not alive:
             lease_id = self.store.grant_lease(self._node_ttl)
             self.store.txn(

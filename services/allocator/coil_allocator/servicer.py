@@ -2,12 +2,14 @@
 
 Domain errors become gRPC statuses in the server interceptor both services share
 (`coil_grpc.status.ErrorsToStatus`), which also counts and times every RPC by method and outcome.
+Before it, `coil_grpc.guard.AccessGuard` decides who may make each call (docs/security.md).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
 
@@ -23,6 +25,7 @@ from coil_core.model import (
     ReleaseRequest,
     parse_address,
 )
+from coil_grpc.auditlog import AuditLog
 from coil_grpc.convert import (
     FAMILY_FROM_PB,
     FAMILY_TO_PB,
@@ -32,6 +35,11 @@ from coil_grpc.convert import (
     record_result_pb,
     release_result_pb,
 )
+from coil_grpc.guard import AccessGuard
+from coil_grpc.identity import Identifier
+from coil_grpc.limits import ExpensiveReads
+from coil_grpc.listen import listen_and_start, split_addresses
+from coil_grpc.policy import DEFAULT_POLICY, Policy
 from coil_grpc.status import ErrorsToStatus, Observer
 
 log = logging.getLogger("coil.allocator")
@@ -210,37 +218,50 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
 
 def serve(
     allocator: Allocator,
-    listen: str,
+    listen: str | Sequence[str],
     *,
     workers: int = 32,
-    observe: RpcObserver | None = None,
+    observe: Observer | None = None,
     credentials: grpc.ServerCredentials | None = None,
     health: Any = None,
+    policy: Policy = DEFAULT_POLICY,
+    insecure: bool = False,
+    expensive_reads: int = 4,
+    audit: AuditLog | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for `allocator` on `listen` ("host:port" or "unix:PATH").
+    """Start a gRPC server for `allocator` on `listen`: "host:port" or "unix:PATH" addresses, a
+    list or comma-separated.
 
-    Returns the started server and the bound port (0 for a UNIX socket). Raises RuntimeError if
-    the address cannot be bound.
+    Every call goes first through `coil_grpc.guard.AccessGuard` (who calls, what it may do,
+    expensive reads bounded to `expensive_reads`, audit), then through the error mapping. UNIX
+    sockets are plaintext, mode 0600; TCP needs `credentials` unless `insecure` (then callers
+    without a certificate are operators). Returns the started server and the first TCP port
+    bound (0 when there is none). Raises ValueError when an address is refused or cannot be bound.
     """
-    interceptor = ErrorsToStatus(
+    guard = AccessGuard(
+        Identifier(policy, insecure=insecure),
+        audit=audit,
+        reads=ExpensiveReads(expensive_reads),
+        refused=(lambda method, code: observe(method, code, 0.0)) if observe else None,
+    )
+    errors_to_status = ErrorsToStatus(
         "coil.v1.AllocatorService", log, "internal error; see the allocator's log", observe
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[interceptor]
+        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[guard, errors_to_status]
     )
     pb_grpc.add_AllocatorServiceServicer_to_server(AllocatorServicer(allocator), server)
     if health is not None:
         from grpc_health.v1 import health_pb2_grpc
 
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = (
-        server.add_secure_port(listen, credentials)
-        if credentials
-        else server.add_insecure_port(listen)
-    )
-    if port == 0 and not listen.startswith("unix:"):
-        raise RuntimeError(f"allocator: cannot listen on {listen!r}")
-    server.start()
+    try:
+        port = listen_and_start(
+            server, split_addresses(listen), credentials, insecure=insecure, what="allocator"
+        )
+    except BaseException:
+        server.stop(None)
+        raise
     return server, port
 
 

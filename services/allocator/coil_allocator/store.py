@@ -25,6 +25,7 @@ class KeyValue:
     create_revision: int
     mod_revision: int
     version: int
+    lease: int = 0  # the lease the key lives on; 0 for none
 
 
 @dataclass(frozen=True, slots=True)

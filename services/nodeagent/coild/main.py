@@ -11,13 +11,19 @@ import sys
 import threading
 
 from coil_core.flags import LOG_FORMAT, Flag, check_numbers, env_parser
+from coil_grpc.files import key_file_warning, read_file
 
 log = logging.getLogger("coild")
 
 FLAGS: tuple[Flag, ...] = (
     # flag, env, default, help
     ("--node-name", "COIL_NODE_NAME", "", "this node's name (required)"),
-    ("--allocator", "COIL_ALLOCATOR", "127.0.0.1:9380", 'allocator: "host:port" or "unix:PATH"'),
+    (
+        "--allocator",
+        "COIL_ALLOCATOR",
+        "unix:/run/coil/allocator.sock",
+        'allocator: "unix:PATH" (as root) or "host:port" (with TLS and the node\'s certificate)',
+    ),
     ("--socket", "COILD_SOCKET", "/run/coild.sock", "UNIX socket for the CNI plugin"),
     ("--table-id", "COILD_TABLE_ID", "119", "kernel routing table to export blocks to"),
     ("--protocol-id", "COILD_PROTOCOL_ID", "30", "route protocol number of exported routes"),
@@ -97,10 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             if not path:
                 return None
             try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except OSError as e:
-                raise SystemExit(f"coild: {flag} {path!r}: {e.strerror or e}") from None
+                return read_file(path, flag)
+            except ValueError as e:
+                raise SystemExit(f"coild: {e}") from None
+
+        warning = (
+            key_file_warning(args.allocator_tls_key, "--allocator-tls-key")
+            if args.allocator_tls_key
+            else None
+        )
+        if warning:
+            log.warning("%s", warning)
 
         credentials = grpc.ssl_channel_credentials(
             read(args.allocator_tls_ca, "--allocator-tls-ca"),
@@ -141,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
 
     http = serve_http(args.metrics_addr, metrics.registry, readiness) if args.metrics_addr else None
     agent.start(wait=False)
-    server = serve(agent, args.socket, observe=metrics.observe_rpc, claim=claim)
+    try:
+        server = serve(agent, args.socket, observe=metrics.observe_rpc, claim=claim)
+    except (ValueError, OSError) as e:
+        print(f"coild: --socket {args.socket!r}: {e}", file=sys.stderr)
+        agent.stop()
+        if http:
+            http.shutdown()
+        claim.release()
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

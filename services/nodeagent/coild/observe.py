@@ -6,14 +6,15 @@ allocator answered lately and the routes are synced, else 503 with the reason.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from coil_grpc.http import BoundedHTTPServer, Page
+from coil_grpc.http import serve_http as serve_http_routes
 
 
 class AgentMetrics:
@@ -105,39 +106,24 @@ class _BlockCollector(Collector):
 
 def serve_http(
     address: str, registry: CollectorRegistry, readiness: Callable[[], str | None]
-) -> ThreadingHTTPServer:
-    """Serve /healthz, /readyz and /metrics on "host:port" in a daemon thread.
+) -> BoundedHTTPServer:
+    """Serve /healthz, /readyz and /metrics on "host:port" in a daemon thread, with a read timeout
+    and a connection cap (`coil_grpc.http`).
 
     `readiness()` returns None when ready, else the reason it is not.
     """
-    host, _, port = address.rpartition(":")
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            if self.path == "/healthz":
-                self._reply(200, b"ok\n", "text/plain")
-            elif self.path == "/readyz":
-                reason = readiness()
-                if reason is None:
-                    self._reply(200, b"ready\n", "text/plain")
-                else:
-                    self._reply(503, f"not ready: {reason}\n".encode(), "text/plain")
-            elif self.path == "/metrics":
-                self._reply(200, generate_latest(registry), "text/plain; version=0.0.4")
-            else:
-                self._reply(404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain")
+    def ready() -> Page:
+        reason = readiness()
+        if reason is None:
+            return 200, b"ready\n", "text/plain"
+        return 503, f"not ready: {reason}\n".encode(), "text/plain"
 
-        def _reply(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    return server
+    return serve_http_routes(
+        address,
+        {
+            "/healthz": lambda: (200, b"ok\n", "text/plain"),
+            "/readyz": ready,
+            "/metrics": lambda: (200, generate_latest(registry), "text/plain; version=0.0.4"),
+        },
+    )

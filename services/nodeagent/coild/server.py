@@ -1,8 +1,9 @@
 """The gRPC face of the node agent, on a UNIX socket for the CNI plugin.
 
 Domain errors become gRPC statuses in the server interceptor both services share
-(`coil_grpc.status.ErrorsToStatus`), which also counts and times every RPC. The socket is created
-with mode 0600, so only root (the container runtime) can connect.
+(`coil_grpc.status.ErrorsToStatus`), which also counts and times every RPC. Before it,
+`coil_grpc.guard.AccessGuard` knows the caller: the socket is mode 0600 from its creation, so only
+root (the container runtime) can connect, and root is an operator (docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import grpc
 from coil.v1 import nodeagent_pb2 as pb
 from coil.v1 import nodeagent_pb2_grpc as pb_grpc
 from coil_core.rules import parse_address, validate_attachment, validate_pod
+from coil_grpc.auditlog import AuditLog
+from coil_grpc.guard import AccessGuard
+from coil_grpc.identity import Identifier
+from coil_grpc.listen import listen_and_start
+from coil_grpc.policy import DEFAULT_POLICY
 from coil_grpc.status import ErrorsToStatus, Observer
 from coild.agent import AllocateRequest, NodeAgent, PodAddress
 from coild.errors import InvalidRequest
@@ -182,30 +188,36 @@ def serve(
     workers: int = 32,
     observe: Observer | None = None,
     claim: AgentSocket | None = None,
+    audit: AuditLog | None = None,
 ) -> grpc.Server:
-    """Serve the agent on a UNIX socket (mode 0600). ``claim`` is the socket's `AgentSocket`,
-    already claimed; without one, it is claimed here and released when the server is
-    collected. Raises SocketError.
+    """Serve the agent on a UNIX socket: mode 0600 from its creation, in a directory others cannot
+    write (`coil_grpc.listen`). ``claim`` is the socket's `AgentSocket`, already claimed; without
+    one, it is claimed here and released when the server is collected. Every call goes first
+    through `coil_grpc.guard.AccessGuard`: only an operator, that is root on this node, may call.
+    Raises SocketError, or ValueError when the socket cannot be served safely.
 
     Workers bound how many requests are in flight (each waits for its group commit). 256
     workers measured no better than 32 at 128 clients: coild is bound by CPU, not by them."""
     if claim is None:
         claim = AgentSocket(socket_path)
         claim.claim()
+    guard = AccessGuard(
+        Identifier(DEFAULT_POLICY),
+        audit=audit,
+        refused=(lambda method, code: observe(method, code, 0.0)) if observe else None,
+    )
     interceptor = ErrorsToStatus(
         "coil.v1.NodeAgentService", log, "internal error in coild; see its log", observe
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[interceptor]
+        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[guard, interceptor]
     )
     pb_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server)
-    old = os.umask(0o177)
     try:
-        server.add_insecure_port(f"unix:{socket_path}")
-        server.start()
-    finally:
-        os.umask(old)
-    os.chmod(socket_path, 0o600)
+        listen_and_start(server, [f"unix:{socket_path}"], what="coild")
+    except BaseException:
+        server.stop(None)
+        raise
     claim.bound()
     weakref.finalize(server, claim.release)
     return server
