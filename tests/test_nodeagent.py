@@ -765,7 +765,11 @@ def test_static_dual_stack_half_failure_releases_the_recorded_address(
     with pytest.raises(NotHeld):
         agent.check("c1", "eth0")
     # The IPv4 address is free again for the next pod asking for it.
-    (v4, v6) = agent.allocate(request("c2", "default", str(wanted_v4), "fd00:81::80"))
+    # (its IPv6 address: any free one of the held block; a fixed one could be c0's random pick)
+    free_v6 = next(
+        a for a in pod_addresses_of(v6_block, v6_subnet) if a not in {v6_taken.address, ghost_v6}
+    )
+    (v4, v6) = agent.allocate(request("c2", "default", str(wanted_v4), str(free_v6)))
     assert v4.address == wanted_v4
     assert owner_in_etcd(allocator, wanted_v4) == Owner("default", "pod-c2", "c2", "eth0")
 
