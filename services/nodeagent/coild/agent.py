@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -173,6 +173,8 @@ class NodeAgent:
         self._namespaces_checked: dict[str, float] = {}
         self._namespace_lookup = threading.Lock()  # one pool look-up at a time; others wait
         self._claim_locks: dict[tuple[str, int], threading.Lock] = defaultdict(threading.Lock)
+        # One ADD, DEL or GC release of an attachment at a time (entries live only while used).
+        self._attachment_locks: dict[AttachmentKey, tuple[threading.RLock, list[int]]] = {}
         self._routes_lock = threading.Lock()
         self._routes_dirty = threading.Event()
         self.ready = threading.Event()
@@ -468,6 +470,28 @@ class NodeAgent:
         AllocatorUnavailable.
         """
         self._require_ready()
+        with self._one_at_a_time((request.container_id, request.interface)):
+            return self._allocate(request)
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self, key: AttachmentKey) -> Iterator[None]:
+        """Serialise the ADDs and DELs of one attachment. Without it, a retried ADD that overlaps
+        the one before it (the runtime timed out and asked again) could give back an earlier
+        attempt's addresses after the other attempt had recorded them anew for the same
+        attachment: release requests name the attachment, not which attempt recorded it."""
+        with self._lock:
+            lock, users = self._attachment_locks.setdefault(key, (threading.RLock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._attachment_locks[key]
+
+    def _allocate(self, request: AllocateRequest) -> list[PodAddress]:
         started = self._clock()
         key = (request.container_id, request.interface)
         existing = self._existing(key)
@@ -476,7 +500,7 @@ class NodeAgent:
         if self._uncertain(key) is not None:
             # An earlier ADD of this attachment failed with its outcome unknown: give back
             # what it may have recorded before starting again.
-            self.release(request.container_id, request.interface)
+            self._release(key)
         pool = self.pool_for(request.namespace)
         self._require_routes(f"allocate {request.container_id}/{request.interface}")
         targets: list[tuple[int, Address | None]]
@@ -779,6 +803,10 @@ class NodeAgent:
         """
         self._require_ready()
         key = (container_id, interface)
+        with self._one_at_a_time(key):
+            return self._release(key)
+
+    def _release(self, key: AttachmentKey) -> list[Address]:
         attachment = self._existing(key) or self._uncertain(key)
         if attachment is None:
             return []
