@@ -7,11 +7,13 @@ coild agent serves the real CNI plugin (the installed launcher, exec'd as a runt
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -23,35 +25,53 @@ from coil_allocator.allocator import Allocator
 from coil_grpc.status import status_of
 from coild.agent import AgentConfig, NodeAgent
 from coild.allocator_client import _ERRORS, AllocatorClient
-from coild.errors import AllocatorRejected
+from coild.errors import AllocatorRejected, AllocatorUnavailable
 from coild.server import serve as serve_agent
 from tests.test_cni_plugin import ADD_ENV, launcher, netconf, run  # noqa: F401 - fixture
-from tests.test_nodeagent import NODE, RecordingRoutes, held_blocks, records_of, request, routes_of
+from tests.test_nodeagent import (
+    NODE,
+    RecordingRoutes,
+    held_blocks,
+    pod_addresses_of,
+    records_of,
+    request,
+    routes_of,
+)
 
 
 class Front(apb_grpc.AllocatorServiceServicer):
     """Passes every call to the real allocator, except the methods in `fail`, which answer
     their status instead, and those in `lose_answer`, which are passed on (and so take effect)
-    but answer their status: a commit whose answer was lost."""
+    but answer their status: a commit whose answer was lost. A method in `before` or `after`
+    calls its function before passing the call on, or once the allocator has answered (to hold
+    a call back, or to note that it went through)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._stub = apb_grpc.AllocatorServiceStub(channel)
         self.fail: dict[str, tuple[grpc.StatusCode, str]] = {}
         self.lose_answer: dict[str, grpc.StatusCode] = {}
+        self.before: dict[str, Callable[[], None]] = {}
+        self.after: dict[str, Callable[[], None]] = {}
 
     def __getattribute__(self, name: str) -> Any:
         if name[:1].isupper():
             stub = object.__getattribute__(self, "_stub")
             fail = object.__getattribute__(self, "fail")
             lose = object.__getattribute__(self, "lose_answer")
+            before = object.__getattribute__(self, "before")
+            after = object.__getattribute__(self, "after")
 
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 if name in fail:
                     context.abort(*fail[name])
+                if name in before:
+                    before[name]()
                 try:
                     answer = getattr(stub, name)(request, timeout=10)
                 except grpc.RpcError as e:
                     context.abort(e.code(), e.details())
+                if name in after:
+                    after[name]()
                 if name in lose:
                     context.abort(lose[name], f"{name}: deadline passed (the answer was lost)")
                 return answer
@@ -194,6 +214,76 @@ def test_a_record_that_commits_after_a_failed_add_does_not_leak(
         env = {"CNI_CONTAINERID": "", "CNI_IFNAME": "", "CNI_NETNS": ""}
         assert run(launcher, "GC", conf, env).rc == 0
         assert records_of(allocator) == {}
+
+
+def test_two_retries_of_an_uncertain_add_answer_what_is_recorded(
+    allocator: Allocator, front: tuple[Front, str], coild_agent: NodeAgent
+) -> None:
+    """Regression (the fault storm's "addresses held twice at once"): an ADD whose record call
+    failed with its outcome unknown was retried twice at once (the runtime's first retry timed
+    out while coild was still giving back the doubtful address). Each retry released the
+    attachment's doubtful addresses by container ID; one then recorded the address again and
+    answered it, and the other's release, coming after, deleted that record. The pod kept an
+    address that etcd called free, and the next pod got it too."""
+    allocator.create_pool("default", ["10.62.0.0/24"], 3)
+    agent = coild_agent
+    servicer, _ = front
+    servicer.lose_answer["RecordAllocations"] = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(AllocatorUnavailable):
+        agent.allocate(request("pod-a"))
+    del servicer.lose_answer["RecordAllocations"]
+    (doubtful,) = records_of(allocator)  # committed after all
+    # Fill the block, so that the doubtful address is the one a new choice lands on.
+    (block,) = held_blocks(allocator)
+    room = len(pod_addresses_of(block, ipaddress.ip_network("10.62.0.0/24")))
+    for i in range(room - 1):
+        agent.allocate(request(f"other-{i}"))
+    assert len(records_of(allocator)) == room
+    assert held_blocks(allocator) == {block}
+    go, recorded, first_release = threading.Event(), threading.Event(), threading.Event()
+    releases: list[int] = []
+
+    def hold_release() -> None:
+        releases.append(1)
+        if len(releases) == 1:
+            first_release.set()
+            go.wait(10)  # the first retry's release, held until the second retry is in
+        else:
+            recorded.wait(10)  # a later release arrives after the first retry's record
+
+    servicer.before["ReleaseAllocations"] = hold_release
+    servicer.after["RecordAllocations"] = recorded.set
+    answers: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def add(name: str) -> None:
+        try:
+            answers[name] = [str(a.address) for a in agent.allocate(request("pod-a"))]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    first = threading.Thread(target=add, args=("first",))
+    first.start()
+    assert first_release.wait(10)
+    second = threading.Thread(target=add, args=("second",))
+    second.start()
+    # Let the second retry get as far as it goes while the first one's release is held.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and agent._releases._queue.qsize() == 0:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    go.set()
+    first.join(20)
+    second.join(20)
+    assert not errors, errors
+    assert answers["first"] == answers["second"] == [str(doubtful)], answers
+    # What both retries answered is recorded for the pod, and no other pod can get it.
+    assert records_of(allocator).get(doubtful) is not None, "the answered address is free"
+    assert records_of(allocator)[doubtful].container_id == "pod-a"
+    (got,) = agent.allocate(request("next-pod"))
+    assert got.address != doubtful
+    agent.release("pod-a", "eth0")
+    assert doubtful not in records_of(allocator)
 
 
 def test_a_block_release_that_commits_after_a_timeout_is_taken_as_done(
