@@ -53,7 +53,11 @@ class Replica:
         self.calls: Counter[str] = Counter()
         self.dead = False
         self.server, _ = serve(
-            self.allocator, f"127.0.0.1:{self.port}", observe=self._observe, max_watchers=50
+            self.allocator,
+            f"127.0.0.1:{self.port}",
+            observe=self._observe,
+            max_watchers=50,
+            insecure=True,  # loopback in a test: callers are operators
         )
 
     def _observe(self, method: str, code: str, seconds: float) -> None:
