@@ -542,11 +542,16 @@ class _LeaseKeeper:
         return answer[0]
 
     def close(self) -> None:
+        """End the stream and wait (briefly) for its thread: the channels close after this,
+        and a stub made on a closed channel crashes the process."""
         with self._lock:
             self._closed = True
             if self._requests is not None:
                 self._requests.put(_STREAM_END)
             self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.RETRY + 2.0)
 
     # -- the stream -------------------------------------------------------------------------
 
