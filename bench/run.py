@@ -1,10 +1,14 @@
 """`make bench` (`python -m bench.run`): coil against the cheapest possible Python client, against
 host-local, and at the limits of etcd and Kubernetes.
 
-Writes bench/results/latest.md, latest.json and add-latency.svg; prints PASS or MISS per target.
-BENCH_QUICK=1 runs a smoke version (under a minute); BENCH_ONLY=cni,bundle,agent,claims,scale,routes
-runs some sections only. Needs root (network namespaces) and the CNI plugins in /usr/lib/cni.
-Every process and namespace it starts is removed when it ends, also on failure or Ctrl-C."""
+Writes bench/results/latest.md, latest.json and add-latency.svg (with BENCH_ONLY: only-<sections>.md
+and .json, so a partial run does not replace the full one); prints PASS or MISS per target.
+BENCH_QUICK=1 runs a smoke version (under a minute, more with the quiet section);
+BENCH_ONLY=cni,bundle,agent,claims,scale,routes,quiet
+runs some sections only; BENCH_CHURN_S sets the
+length of the quiet section's churn run (600 s by default). Needs root (network namespaces) and
+the CNI plugins in /usr/lib/cni. Every process and namespace it starts is removed when it ends,
+also on failure or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ from typing import Any
 # grpc logs every fork of a process with gRPC threads at INFO (pyroute2 forks into namespaces).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from bench import agent, bundle, claims, cni, common, routes, scale, svg  # noqa: E402
+from bench import agent, bundle, claims, cni, common, quiet, routes, scale, svg  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("cni", "bundle", "agent", "claims", "scale", "routes")
+SECTIONS = ("cni", "bundle", "agent", "claims", "scale", "routes", "quiet")
 
 
 @dataclass
@@ -159,6 +163,50 @@ def targets(r: dict[str, Any]) -> list[Target]:
                 "s",
             )
         )
+    if "quiet" in r:
+        q = r["quiet"]
+        for run in q.get("quiet", {}).get("runs", []):
+            if run["mode"] == "watch" and run["nodes"] == 10000:
+                out.append(
+                    Target(
+                        "quiet",
+                        "quiet cluster, 10,000 nodes: two allocators + etcd",
+                        run["total_cores"],
+                        0.25,
+                        "cores",
+                    )
+                )
+            if run["mode"] == "watch":
+                out.append(
+                    Target(
+                        "quiet",
+                        f"quiet cluster, {run['nodes']} nodes: etcd revisions written",
+                        run["revisions_per_min"],
+                        0,
+                        "/min",
+                    )
+                )
+            if run["mode"] == "watch" and run["nodes"] == 20000:
+                out.append(
+                    Target(
+                        "quiet",
+                        "quiet cluster, 20,000 nodes: coilds not ready",
+                        run["not_ready_at_end"],
+                        0,
+                        "",
+                    )
+                )
+        churn = q.get("churn")
+        if churn:
+            out.append(
+                Target(
+                    "quiet",
+                    "churn: changes a watcher missed",
+                    churn.get("missed_puts", 1) + churn.get("missed_dels", 1),
+                    0,
+                    "",
+                )
+            )
     return out
 
 
@@ -439,6 +487,79 @@ def routes_section(ro: dict[str, Any]) -> list[str]:
     ]
 
 
+def quiet_section(q: dict[str, Any]) -> list[str]:
+    lines = ["", "## 6. A quiet cluster (two allocator replicas, one etcd; nothing changes)", ""]
+    quiet_runs = q.get("quiet", {})
+    for design in ("watch", "poll"):
+        pattern = quiet_runs.get(f"coild_pattern_{design}")
+        if pattern:
+            calls = ", ".join(f"{m} {v:g}/s" for m, v in sorted(pattern.items()) if v)
+            lines.append(f"One real coild ({design} design), counted by the allocator: {calls}.")
+    lines += [
+        "",
+        f"Polling design: allocator and coild of commit {quiet_runs.get('baseline')} (ListPools "
+        "every 10 s, ReportNode every 30 s, ListNodeBlocks every 60 s); watch design: this "
+        "commit (WatchNode stream, safety net every 600 s). Measured over "
+        f"{quiet_runs.get('window_s')} s after the simulated nodes started.",
+        "",
+        *header(
+            "design",
+            "nodes",
+            "allocators (cores)",
+            "etcd (cores)",
+            "total",
+            "RPC/s by method",
+            "etcd requests/s",
+            "revisions/min",
+            "DB growth MB/day",
+            "not ready",
+            "errors",
+        ),
+    ]
+    for run in quiet_runs.get("runs", []):
+        lines.append(
+            row(
+                run["mode"],
+                run["nodes"],
+                run["allocator_cores"],
+                run["etcd_cores"],
+                run["total_cores"],
+                ", ".join(f"{m} {v:g}" for m, v in run["rpcs_per_s"].items()) or "0",
+                run["etcd_requests_per_s"],
+                run["revisions_per_min"],
+                run["db_growth_mb_per_day"],
+                run["not_ready_at_end"],
+                run["errors"] or "",
+            )
+        )
+    churn = q.get("churn")
+    if churn:
+        lines += [
+            "",
+            f"### Churn: {churn['adds_per_s']:g} pod ADDs/s (each released 10 s later) on "
+            f"{churn['nodes']} watching nodes for {churn['seconds']:.0f} s, compaction "
+            f"`{churn['compaction']}`",
+            "",
+            *header("figure", "value"),
+            row("records added / removed", f"{churn.get('adds')} / {churn.get('dels')}"),
+            row(
+                "changes a watcher missed (adds / removals)",
+                f"{churn.get('missed_puts')} / {churn.get('missed_dels')}",
+            ),
+            row("compactions", churn["compactions"]),
+            row(
+                "etcd DB in use at 1/3 of the run → at the end",
+                f"{churn['db_in_use_mb_at_third']} MB → {churn['db_in_use_mb_at_end']} MB "
+                f"(file {churn['db_size_mb_at_end']} MB)",
+            ),
+            row("errors", churn["errors"] or "none"),
+            "",
+            "DB samples (s, file MB, in use MB): "
+            + ", ".join(f"({t}, {a}, {b})" for t, a, b in churn["db_samples"]),
+        ]
+    return lines
+
+
 def markdown(r: dict[str, Any], tgts: list[Target]) -> str:
     m = r["machine"]
     kind = "QUICK smoke run" if r["quick"] else "full run"
@@ -467,6 +588,7 @@ def markdown(r: dict[str, Any], tgts: list[Target]) -> str:
         "claims": claims_section,
         "scale": scale_section,
         "routes": routes_section,
+        "quiet": quiet_section,
     }
     for name, render in sections.items():
         if name in r:
@@ -500,6 +622,7 @@ def main() -> int:
         "claims": lambda lab: claims.run(lab, log),
         "scale": lambda lab: scale.run(lab, log),
         "routes": lambda lab: routes.run(lab, log),
+        "quiet": lambda lab: quiet.run(log),  # its own etcds and allocators
     }
     with common.lab() as lab:
         lab.start_allocator("alloc-a")
@@ -538,12 +661,13 @@ def main() -> int:
             f"CNI ADD latency, {r['cni']['pods']} sequential execs each",
         )
         (RESULTS / "add-latency.svg").write_text(chart)
-    (RESULTS / "latest.json").write_text(json.dumps(r, indent=1) + "\n")
-    (RESULTS / "latest.md").write_text(markdown(r, tgts))
+    name = "latest" if list(only) == list(SECTIONS) else "only-" + "-".join(only)
+    (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(r, tgts))
     print()
     for t in tgts:
         print(f"{'PASS' if t.passed else 'MISS'}  {t.line()}")
-    print(f"\nwrote {RESULTS}/latest.md, latest.json" + (", add-latency.svg" if "cni" in r else ""))
+    print(f"\nwrote {RESULTS}/{name}.md, {name}.json" + (", add-latency.svg" if "cni" in r else ""))
     return 1 if r.get("errors") else 0
 
 

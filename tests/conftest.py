@@ -11,7 +11,9 @@ import pytest
 
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+from coil_allocator.keys import Keys
 from coil_allocator.servicer import serve
+from coil_allocator.view import ClusterView
 from coil_core.blocks import Address, Network, reserved_addresses
 from tests.harness.etcd import EtcdServer, start_etcd
 
@@ -50,8 +52,14 @@ def store(etcd_server: EtcdServer) -> Iterator[EtcdStore]:
 
 
 @pytest.fixture
-def allocator(store: EtcdStore, etcd_prefix: str) -> Allocator:
-    return Allocator(store, etcd_prefix)
+def allocator(store: EtcdStore, etcd_prefix: str) -> Iterator[Allocator]:
+    """An allocator as a replica runs it: with its watch-fed view of the prefix."""
+    view = ClusterView(store, Keys(etcd_prefix))
+    view.start(wait=5)
+    try:
+        yield Allocator(store, etcd_prefix, view=view)
+    finally:
+        view.stop()
 
 
 def snapshot(store: EtcdStore, prefix: str) -> dict[str, bytes]:

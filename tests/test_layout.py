@@ -18,6 +18,7 @@ AGENT = (
     "coild.routes",
     "coild.observe",
     "coild.batcher",
+    "coild.follow",
 )
 CTL = (
     "coilctl.main",

@@ -42,3 +42,12 @@ class Unavailable(CoilError):
 class Internal(CoilError):
     """Something failed that the caller cannot fix by changing the request (a refused route, an
     answer the service did not expect); the message says what."""
+
+
+class Compacted(CoilError):
+    """A watch asked for history the store has compacted away: the caller must read the current
+    state afresh (a list) and watch from the revision of that read."""
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision

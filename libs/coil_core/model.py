@@ -158,6 +158,39 @@ class AllocationRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeChange:
+    """What changed for one node up to `revision` (etcd's): what the allocator's WatchNode
+    stream carries. Every part is idempotent: puts say "is now", removals "is gone".
+
+    A `snapshot` holds everything instead (every pool, the node's blocks and their records as
+    read at `revision`): the follower replaces what it knew. `lease_lost` says the node's alive
+    key went away (its lease expired, or an operator released the node).
+    """
+
+    revision: int
+    pools: tuple[Pool, ...] = ()
+    deleted_pools: tuple[str, ...] = ()
+    blocks: tuple[HeldBlock, ...] = ()
+    released_blocks: tuple[HeldBlock, ...] = ()
+    records: tuple[AllocationRecord, ...] = ()
+    released_records: tuple[AllocationRecord, ...] = ()
+    lease_lost: bool = False
+    snapshot: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.snapshot
+            or self.pools
+            or self.deleted_pools
+            or self.blocks
+            or self.released_blocks
+            or self.records
+            or self.released_records
+            or self.lease_lost
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class NodeBlocks:
     """The blocks a node holds and their records, oldest first, as read at one revision."""
 

@@ -17,6 +17,7 @@ from coil_core.model import (
     AllocationRecord,
     Family,
     HeldBlock,
+    NodeChange,
     Owner,
     Pool,
     RecordOutcome,
@@ -114,6 +115,20 @@ def release_item_pb(request: ReleaseRequest) -> pb.ReleaseItem:
     )
 
 
+def node_change_pb(change: NodeChange) -> pb.WatchNodeResponse:
+    return pb.WatchNodeResponse(
+        snapshot=change.snapshot,
+        revision=change.revision,
+        pools=[pool_pb(p) for p in change.pools],
+        deleted_pools=list(change.deleted_pools),
+        blocks=[block_pb(b) for b in change.blocks],
+        released_blocks=[block_pb(b) for b in change.released_blocks],
+        records=[record_pb(r) for r in change.records],
+        released_records=[record_pb(r) for r in change.released_records],
+        lease_lost=change.lease_lost,
+    )
+
+
 # -- messages to core values (coild's view of the allocator's answers) -----------------------
 
 
@@ -168,4 +183,18 @@ def release_result_from(message: pb.ReleaseResult) -> ReleaseResult:
     """An outcome the client does not know (a newer allocator) reads as INVALID."""
     return ReleaseResult(
         RELEASE_OUTCOME_FROM_PB.get(message.outcome, ReleaseOutcome.INVALID), message.message
+    )
+
+
+def node_change_from(message: pb.WatchNodeResponse) -> NodeChange:
+    return NodeChange(
+        revision=int(message.revision),
+        pools=tuple(pool_from(p) for p in message.pools),
+        deleted_pools=tuple(message.deleted_pools),
+        blocks=tuple(block_from(b) for b in message.blocks),
+        released_blocks=tuple(block_from(b) for b in message.released_blocks),
+        records=tuple(record_from(r) for r in message.records),
+        released_records=tuple(record_from(r) for r in message.released_records),
+        lease_lost=message.lease_lost,
+        snapshot=message.snapshot,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -66,7 +66,8 @@ def status_of(error: errors.CoilError) -> grpc.StatusCode:
 
 
 class ErrorsToStatus(grpc.ServerInterceptor):
-    """Map the domain errors of one service's unary calls to statuses, and observe each call.
+    """Map the domain errors of one service's calls (unary and server-streaming) to statuses, and
+    observe each call.
 
     ``service`` is the full protobuf service name (``"coil.v1.AllocatorService"``); calls to other
     services of the same server (the health service) pass through untouched. ``unexpected`` is
@@ -92,9 +93,13 @@ class ErrorsToStatus(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         full = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or handler.unary_unary is None or not full.startswith(self._prefix):
+        if handler is None or not full.startswith(self._prefix):
             return handler
         method = full[len(self._prefix) :]
+        if handler.unary_stream is not None:
+            return self._stream(method, handler)
+        if handler.unary_unary is None:
+            return handler
         inner = handler.unary_unary
         log, unexpected, observe = self._log, self._unexpected, self._observe
         deserialize = handler.request_deserializer
@@ -137,5 +142,38 @@ class ErrorsToStatus(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             call,
             request_deserializer=decode,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _stream(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The same for a server stream: an error while streaming ends it with its status; the
+        call is observed when the stream ends (its duration is the stream's life)."""
+        inner = handler.unary_stream
+        log, unexpected, observe = self._log, self._unexpected, self._observe
+
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                yield from inner(request, context)
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED  # the client went away
+                raise
+            except errors.CoilError as e:
+                code = status_of(e)
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                    log.warning("%s failed: %s", method, e)
+                context.abort(code, str(e))
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed unexpectedly", method)
+                context.abort(code, f"{method}: {unexpected}")
+            finally:
+                if observe is not None:
+                    observe(method, code.name, time.perf_counter() - started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -10,6 +10,9 @@ its keys (each module's docstring states its keys and transactions):
 - `coil_allocator.nodes`: a node's blocks, its heartbeat and lease, releasing a node;
 - `coil_allocator.checks`: the store audit and its repairs.
 
+With a `ClusterView` (`coil_allocator.view`, one etcd watch per replica) the pool list and the
+liveness checks of a report come from memory; `coil_allocator.feed` serves WatchNode from it.
+
 Every state change is a single transaction guarded by compares on exactly the keys it depends on
 (see docs/design.md). When a compare is lost to a concurrent writer the change is retried by its
 part, and only there, after re-reading what changed, a bounded number of times with jittered
@@ -35,6 +38,7 @@ from coil_allocator.nodes import NODE_TTL, Nodes
 from coil_allocator.pools import Pools
 from coil_allocator.records import Records
 from coil_allocator.store import Store
+from coil_allocator.view import ClusterView
 
 
 class Allocator:
@@ -50,11 +54,14 @@ class Allocator:
         events: AllocatorEvents | None = None,
         sleep: Callable[[float], None] = time.sleep,
         node_ttl: int = NODE_TTL,
+        view: ClusterView | None = None,
     ) -> None:
         self.store = store
         self.keys = Keys(prefix)
+        self.view = view
+        self.node_ttl = node_ttl
         context = Context(
-            store, self.keys, clock, rng or random.Random(), events or NoEvents(), sleep
+            store, self.keys, clock, rng or random.Random(), events or NoEvents(), sleep, view=view
         )
         self.pools = Pools(context)
         self.claims = Claims(context)

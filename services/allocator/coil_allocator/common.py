@@ -12,7 +12,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from coil_allocator.keys import Keys, Unreadable, decode_claimed_at, decode_pool
 from coil_allocator.store import KeyValue, Store
@@ -20,6 +20,8 @@ from coil_core.errors import FailedPrecondition, NotFound
 from coil_core.model import Pool
 
 log = logging.getLogger("coil.allocator")
+if TYPE_CHECKING:
+    from coil_allocator.view import ClusterView
 
 MAX_ATTEMPTS = 8
 """How often a change is tried when it keeps losing compares to concurrent writers."""
@@ -77,6 +79,8 @@ class Context:
     events: AllocatorEvents
     sleep: Callable[[float], None]
     warned: WarnOnce = field(default_factory=WarnOnce)
+    view: ClusterView | None = None
+    """The replica's watch-fed view (pools, nodes' leases and statuses from memory), if any."""
 
 
 def first(result: list[KeyValue] | int | None) -> KeyValue | None:
@@ -97,6 +101,7 @@ class Part:
         self._events = context.events
         self._sleep = context.sleep
         self._warned = context.warned
+        self._cluster_view = context.view
 
     def _now(self) -> int:
         return int(self._clock())
@@ -122,6 +127,12 @@ class Part:
         except Unreadable as e:
             self._skip("node-index", index.key, e)
             return 0
+
+    def _seen(self, revision: int) -> None:
+        """Let the view catch up with a change this replica just wrote (bounded to a second), so
+        that what this replica answers from memory next already shows it."""
+        if self._cluster_view is not None:
+            self._cluster_view.wait_for(revision, 1.0)
 
     def _load_pool(self, name: str, op: str) -> tuple[Pool, KeyValue]:
         """The pool and its key-value.

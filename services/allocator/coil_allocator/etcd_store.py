@@ -8,17 +8,27 @@ token refresh. Nothing of etcd's types leaves this module.
 Endpoints: one channel per endpoint; after an UNAVAILABLE or DEADLINE_EXCEEDED the next endpoint
 is used. Reads are retried once on each other endpoint; transactions are never retried here (a
 lost reply may hide a committed change; the allocator's callers decide).
+
+Streams: a watch is one Watch stream per `watch()` call, ended by its `close()`. Leases are kept
+alive on one LeaseKeepAlive stream per `EtcdStore`, opened on first use and reopened (on the next
+endpoint) when it breaks; it carries every lease the process holds, and the one-off refreshes of
+`keep_alive`.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from pyetcd import etcdrpc
+from pyetcd.etcdrpc import kv_pb2
 
 from coil_allocator.store import (
     Compare,
@@ -27,12 +37,16 @@ from coil_allocator.store import (
     KeyValue,
     Op,
     Put,
+    StoreStatus,
     TxnResult,
+    WatchBatch,
+    WatchEvent,
     prefix_end,
 )
-from coil_core.errors import CoilError, InvalidArgument, Unavailable
+from coil_core.errors import CoilError, Compacted, InvalidArgument, Unavailable
 
 T = TypeVar("T")
+log = logging.getLogger("coil.allocator.etcd")
 
 _PAGE = 5000
 CHANNELS_PER_ENDPOINT = 4
@@ -123,6 +137,7 @@ class EtcdStore:
         self._turn = 0
         self._lock = threading.Lock()
         self._token: str | None = None
+        self._keeper = _LeaseKeeper(self)
         if config.username:
             self._authenticate()
 
@@ -296,22 +311,339 @@ class EtcdStore:
         return int(response.ID)
 
     def keep_alive(self, lease_id: int) -> int:
-        def call(channel: grpc.Channel) -> int:
-            responses = etcdrpc.LeaseStub(channel).LeaseKeepAlive(
-                iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)]),
+        return self._keeper.refresh_once(lease_id, self._config.timeout)
+
+    def hold_lease(self, lease_id: int, ttl: int) -> None:
+        self._keeper.hold(lease_id, ttl)
+
+    def drop_lease(self, lease_id: int) -> None:
+        self._keeper.drop(lease_id)
+
+    def lease_held(self, lease_id: int) -> bool:
+        return self._keeper.held(lease_id)
+
+    def revoke_lease(self, lease_id: int) -> None:
+        self._keeper.drop(lease_id)
+
+        def call(channel: grpc.Channel) -> None:
+            try:
+                etcdrpc.LeaseStub(channel).LeaseRevoke(
+                    etcdrpc.LeaseRevokeRequest(ID=lease_id),
+                    timeout=self._config.timeout,
+                    metadata=self._metadata(),
+                )
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:  # expired already
+                    raise
+
+        self._call(call, idempotent=True)
+
+    def watch(self, prefix: str, start_revision: int, *, prev_kv: bool = False) -> EtcdWatch:
+        return EtcdWatch(self, prefix, start_revision, prev_kv)
+
+    def compact(self, revision: int) -> None:
+        def call(channel: grpc.Channel) -> None:
+            self._kv_stubs[id(channel)].Compact(
+                etcdrpc.CompactionRequest(revision=revision, physical=False),
                 timeout=self._config.timeout,
                 metadata=self._metadata(),
             )
-            for response in responses:
-                return int(response.TTL)
-            return 0
 
-        return self._call(call, idempotent=True)
+        try:
+            self._call(call, idempotent=True)
+        except CoilError as e:
+            if "compacted" in str(e):
+                raise Compacted(f"compact to {revision}: {e}", 0) from None
+            raise
+
+    def status(self) -> StoreStatus:
+        response = self._call(
+            lambda ch: etcdrpc.MaintenanceStub(ch).Status(
+                etcdrpc.StatusRequest(), timeout=self._config.timeout, metadata=self._metadata()
+            ),
+            idempotent=True,
+        )
+        return StoreStatus(int(response.header.revision), int(response.dbSize))
 
     def close(self) -> None:
+        self._keeper.close()
         for channels in self._channels:
             for channel in channels:
                 channel.close()
+
+
+_STREAM_END = object()
+
+
+class EtcdWatch:
+    """One etcd Watch stream over a prefix (see `coil_allocator.store.Watch`)."""
+
+    def __init__(
+        self, store: EtcdStore, prefix: str, start_revision: int, prev_kv: bool = False
+    ) -> None:
+        self._prefix = prefix
+        self._start = start_revision
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._store = store
+        self._index, channel = store._endpoint()
+        self._requests.put(
+            etcdrpc.WatchRequest(
+                create_request=etcdrpc.WatchCreateRequest(
+                    key=prefix.encode(),
+                    range_end=prefix_end(prefix).encode(),
+                    start_revision=start_revision,
+                    progress_notify=True,
+                    prev_kv=prev_kv,
+                )
+            )
+        )
+        self._call = etcdrpc.WatchStub(channel).Watch(
+            self._request_stream(), metadata=store._metadata()
+        )
+
+    def _request_stream(self) -> Iterator[Any]:
+        while True:
+            item = self._requests.get()
+            if item is _STREAM_END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._requests.put(_STREAM_END)
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[WatchBatch]:
+        what = f'watch "{self._prefix}" from revision {self._start}'
+        try:
+            for response in self._call:
+                if response.compact_revision:
+                    raise Compacted(
+                        f"{what}: history before revision {response.compact_revision} is "
+                        "compacted; list afresh",
+                        int(response.compact_revision),
+                    )
+                if response.canceled:
+                    raise Unavailable(f"{what}: etcd ended the watch: {response.cancel_reason}")
+                if response.created and not response.events:
+                    # The header of the creation answer is the store's revision, not the
+                    # watcher's: events before it may still be on their way.
+                    continue
+                if not response.events:
+                    # A progress note: etcd sends it only to watchers that have seen everything.
+                    yield WatchBatch(int(response.header.revision), ())
+                    continue
+                events = tuple(_event(e) for e in response.events)
+                # Not the header's revision: a watcher catching up gets the store's current
+                # revision in the header while later events are still to come.
+                yield WatchBatch(events[-1].revision, events)
+        except grpc.RpcError as e:
+            if self._closed.is_set():
+                return
+            self._store._fail_over(self._index)
+            raise Unavailable(f"{what}: stream broken ({e.code().name}): {e.details()}") from None
+        finally:
+            if not self._closed.is_set():
+                self.close()
+        if not self._closed.is_set():
+            raise Unavailable(f"{what}: etcd closed the stream")
+
+
+def _event(e: Any) -> WatchEvent:
+    prev = _kv(e.prev_kv) if e.HasField("prev_kv") else None
+    if e.type == kv_pb2.Event.DELETE:
+        key = KeyValue(e.kv.key.decode(), b"", 0, int(e.kv.mod_revision), 0)
+        return WatchEvent("delete", key, prev)
+    return WatchEvent("put", _kv(e.kv), prev)
+
+
+@dataclass
+class _Held:
+    ttl: int
+    due: float
+
+    @property
+    def period(self) -> float:
+        """Refresh this often: when a minute of the TTL is left (so a lost answer is retried in
+        time), and at least three times per TTL for short ones. Every refresh is a message each
+        way through Python: ten thousand node leases of 180 s cost 83 of them a second instead of
+        333 at a third of their TTL."""
+        return max(self.ttl / 3, self.ttl - 60.0, 0.5)
+
+
+class _LeaseKeeper:
+    """The one LeaseKeepAlive stream of an `EtcdStore` and the leases it keeps alive.
+
+    A sender thread writes a refresh for every held lease when it falls due (see
+    `_Held.period`; due leases are gathered into one pass every `TICK` seconds, from a heap, so
+    ten thousand leases cost no more than their messages) and for every one-off `refresh_once`;
+    a reader thread takes the answers. When the stream breaks, both wait a moment and open a new
+    one on the next endpoint, refreshing every held lease at once. The stream opens on first
+    use: a process that holds no lease has none.
+    """
+
+    RETRY = 0.5
+    TICK = 0.5
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+        self._lock = threading.Condition()
+        self._held: dict[int, _Held] = {}
+        self._due: list[tuple[float, int]] = []  # heap of (due, lease); stale entries skipped
+        self._waiting: dict[int, list[tuple[threading.Event, list[int]]]] = {}
+        self._requests: queue.SimpleQueue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- API --------------------------------------------------------------------------------
+
+    def hold(self, lease_id: int, ttl: int) -> None:
+        with self._lock:
+            entry = self._held.get(lease_id)
+            if entry is None:
+                entry = self._held[lease_id] = _Held(ttl, 0.0)
+                entry.due = time.monotonic() + entry.period
+                heapq.heappush(self._due, (entry.due, lease_id))
+            else:
+                entry.ttl = ttl
+            self._start()
+            self._lock.notify_all()
+
+    def drop(self, lease_id: int) -> None:
+        with self._lock:
+            self._held.pop(lease_id, None)
+
+    def held(self, lease_id: int) -> bool:
+        with self._lock:
+            return lease_id in self._held
+
+    def refresh_once(self, lease_id: int, timeout: float) -> int:
+        """Send one refresh on the stream and wait for its answer: the lease's TTL (<= 0 when it
+        has expired). Unavailable when no answer comes within `timeout`."""
+        done = threading.Event()
+        answer: list[int] = []
+        with self._lock:
+            self._waiting.setdefault(lease_id, []).append((done, answer))
+            self._start()
+            requests = self._requests
+        if requests is not None:
+            requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
+        if not done.wait(timeout):
+            with self._lock:
+                waiting = self._waiting.get(lease_id, [])
+                if (done, answer) in waiting:
+                    waiting.remove((done, answer))
+                    if not waiting:
+                        self._waiting.pop(lease_id, None)
+            raise Unavailable(
+                f"lease {lease_id} keep-alive: no answer from etcd within {timeout:g} s"
+            )
+        return answer[0]
+
+    def close(self) -> None:
+        """End the stream and wait (briefly) for its thread: the channels close after this,
+        and a stub made on a closed channel crashes the process."""
+        with self._lock:
+            self._closed = True
+            if self._requests is not None:
+                self._requests.put(_STREAM_END)
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.RETRY + 2.0)
+
+    # -- the stream -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start the stream's thread if it is not running (lock held)."""
+        if self._thread is None and not self._closed:
+            self._requests = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="etcd-keepalive", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                requests = self._requests
+                # A new stream refreshes every held lease at once, and repeats lost one-offs.
+                now = time.monotonic()
+                for entry in self._held.values():
+                    entry.due = now
+                self._due = [(now, lease_id) for lease_id in self._held]
+                heapq.heapify(self._due)
+                pending = list(self._waiting)
+            assert requests is not None
+            for lease_id in pending:
+                requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
+            index, channel = self._store._endpoint()
+            sender = threading.Thread(
+                target=self._send, args=(requests,), name="etcd-keepalive-send", daemon=True
+            )
+            sender.start()
+            try:
+                call = etcdrpc.LeaseStub(channel).LeaseKeepAlive(
+                    self._stream(requests), metadata=self._store._metadata()
+                )
+                for response in call:
+                    self._answer(int(response.ID), int(response.TTL))
+            except grpc.RpcError as e:
+                if self._closed:
+                    return
+                log.warning("lease keep-alive stream broken (%s); reopening", e.code().name)
+                self._store._fail_over(index)
+            with self._lock:
+                if self._closed:
+                    return
+                # Stop this stream's sender and start over with fresh queues.
+                requests.put(_STREAM_END)
+                self._requests = queue.SimpleQueue()
+                self._lock.notify_all()
+            sender.join()
+            time.sleep(self.RETRY)
+
+    @staticmethod
+    def _stream(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
+        while True:
+            item = requests.get()
+            if item is _STREAM_END:
+                return
+            yield item
+
+    def _send(self, requests: queue.SimpleQueue[Any]) -> None:
+        """Put a refresh of each held lease on the stream when it falls due."""
+        with self._lock:
+            while not self._closed and self._requests is requests:
+                now = time.monotonic()
+                horizon = now + self.TICK
+                while self._due and self._due[0][0] <= horizon:
+                    due, lease_id = heapq.heappop(self._due)
+                    entry = self._held.get(lease_id)
+                    if entry is None or entry.due != due:
+                        continue  # dropped, or rescheduled by an answer
+                    # Due again after another period unless an answer reschedules it: a lost
+                    # answer is thus retried well before the lease can expire.
+                    entry.due = now + entry.period
+                    heapq.heappush(self._due, (entry.due, lease_id))
+                    requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
+                wait = self._due[0][0] - now if self._due else 60.0
+                self._lock.wait(max(wait, self.TICK))
+
+    def _answer(self, lease_id: int, ttl: int) -> None:
+        with self._lock:
+            entry = self._held.get(lease_id)
+            if entry is not None:
+                if ttl <= 0:
+                    log.info("lease %x expired; no longer kept alive", lease_id)
+                    del self._held[lease_id]
+                else:
+                    entry.due = time.monotonic() + entry.period
+                    heapq.heappush(self._due, (entry.due, lease_id))
+            for done, answer in self._waiting.pop(lease_id, []):
+                answer.append(ttl)
+                done.set()
 
 
 def _kv(kv: Any) -> KeyValue:

@@ -19,7 +19,10 @@ import sys
 import threading
 
 from coil_allocator.allocator import Allocator
+from coil_allocator.compaction import Compactor
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+from coil_allocator.keys import Keys
+from coil_allocator.view import ClusterView
 from coil_core.errors import CoilError
 from coil_core.flags import LOG_FORMAT, Flag, check_numbers, env_parser
 from coil_grpc.files import key_file_warning, read_file
@@ -76,6 +79,24 @@ FLAGS: tuple[Flag, ...] = (
         "4",
         "CheckStore, GetPool, ListNodeBlocks with records served at once; more get UNAVAILABLE",
     ),
+    (
+        "--max-watchers",
+        "COIL_MAX_WATCHERS",
+        "20000",
+        "WatchNode streams served at once (one idle thread each); more are refused",
+    ),
+    (
+        "--compaction-interval",
+        "COIL_COMPACTION_INTERVAL",
+        "60",
+        "seconds between compaction turns (one replica compacts etcd); 0 turns it off",
+    ),
+    (
+        "--compaction-retention",
+        "COIL_COMPACTION_RETENTION",
+        "600",
+        "seconds of etcd history kept for watchers to resume from",
+    ),
 )
 
 
@@ -122,6 +143,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         parser.error(f"--etcd-timeout {args.etcd_timeout!r}: not a positive number of seconds")
+    try:
+        args.max_watchers = int(args.max_watchers)
+        if args.max_watchers < 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--max-watchers {args.max_watchers!r}: not a count >= 0")
+    for flag in ("compaction_interval", "compaction_retention"):
+        text = getattr(args, flag)
+        try:
+            value = float(text)
+            if value < 0:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--{flag.replace('_', '-')} {text!r}: not a number of seconds >= 0")
+        setattr(args, flag, value)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -158,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     from coil_grpc.http import serve_http
     from coil_grpc.policy import PolicyError, load_policy
 
+    # Every WatchNode stream holds a server thread that mostly waits: small stacks keep ten
+    # thousand of them within a few hundred MB.
+    threading.stack_size(512 * 1024)
+    # From here on a SIGTERM stops cleanly, also while start-up still waits for etcd.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         policy = load_policy(args.policy)
         if args.etcd_password_file:
@@ -195,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coil-allocator: {e}", file=sys.stderr)
         return 2
     metrics = AllocatorMetrics()
-    allocator = Allocator(store, args.etcd_prefix, events=metrics)
+    # Pools and what node agents need of their nodes, from memory, current through one watch.
+    view = ClusterView(store, Keys(args.etcd_prefix))
+    view.start(wait=args.etcd_timeout)
+    allocator = Allocator(store, args.etcd_prefix, events=metrics, view=view)
     metrics.watch_usage(allocator)
     credentials = None
     if args.tls_cert:
@@ -213,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         server, _ = serve(
             allocator,
             args.listen,
+            max_watchers=args.max_watchers,
             observe=metrics.observe_rpc,
             credentials=credentials,
             health=health_servicer,
@@ -246,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coil-allocator: --metrics-addr {args.metrics_addr!r}: {e}", file=sys.stderr)
             server.stop(None)
             return 2
-    stop = threading.Event()
 
     def check_etcd() -> None:
         # The health service says SERVING only while etcd answers.
@@ -262,8 +308,16 @@ def main(argv: list[str] | None = None) -> int:
             stop.wait(5)
 
     threading.Thread(target=check_etcd, name="etcd-health", daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    compactor = None
+    if args.compaction_interval > 0:
+        compactor = Compactor(
+            store,
+            allocator.keys.prefix,
+            interval=args.compaction_interval,
+            retention=args.compaction_retention,
+            events=metrics,
+        )
+        compactor.start()
     log.info(
         "serving on %s, etcd %s, prefix %s",
         ",".join(args.listen),
@@ -273,9 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     # Everything built so far lives as long as the process: keep it out of the cyclic collector's
     # scans, which otherwise revisit it under load.
     gc.freeze()
-    stop.wait()
+    # Wake now and then: a signal delivered to another thread (etcd streams, the view, the
+    # keep-alive stream) runs its handler only when the main thread runs Python code.
+    while not stop.wait(1.0):
+        pass
     log.info("stopping")
     server.stop(grace=5).wait()
+    view.stop()
+    if compactor is not None:
+        compactor.stop()
     store.close()
     return 0
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -55,6 +55,16 @@ class AllocatorMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.compactions = Counter(
+            "coil_allocator_compactions",
+            "etcd compactions this replica made (one replica holds the job at a time).",
+            registry=self.registry,
+        )
+        self.compacted_revision = Gauge(
+            "coil_allocator_compacted_revision",
+            "etcd revision this replica last compacted to (0: it has not compacted).",
+            registry=self.registry,
+        )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpcs.labels(method, code).inc()
@@ -69,6 +79,11 @@ class AllocatorMetrics:
 
     def unreadable(self, kind: str) -> None:
         self.unreadable_keys.labels(kind).inc()
+
+    # CompactionEvents
+    def compacted(self, revision: int) -> None:
+        self.compactions.inc()
+        self.compacted_revision.set(revision)
 
     def watch_usage(self, allocator: Allocator, max_age: float = 10.0) -> None:
         """Export usage gauges computed from the store when scraped."""

@@ -1,12 +1,14 @@
 """Nodes: what a node holds, its liveness, and giving back all of a node that is gone.
 
 Owns in etcd: ``nodes/<node>/alive`` (on a lease of `NODE_TTL` seconds, refreshed by the agent's
-reports) and ``nodes/<node>/status`` (last seen, table and routes). Reads the node's block index
+reports and, while the agent follows WatchNode, by the serving replica's keep-alive stream) and
+``nodes/<node>/status`` (when last written, table and routes). Reads the node's block index
 and records; `release_node` deletes them through the same keys `Claims` and `Records` own.
 
 Transactions:
-- report: puts ``alive`` on a (new) lease, and ``status`` when it changed or is older than
-  `STATUS_REFRESH` (neither guarded: only the node's own agent writes them);
+- report: puts ``alive`` on a new lease when the one sent has expired, and ``status`` when the
+  routes or the table changed, in one transaction, nothing otherwise (neither guarded: only the
+  node's own agent writes them);
 - release-node: per block, deletes its records with their attachments in chunks while the block
   is the node's, then the block and its index entry while no record is left (records that
   appear meanwhile are removed too, up to `MAX_ATTEMPTS` times, then `Conflict`); finally the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -47,14 +50,13 @@ from coil_core.errors import (
 from coil_core.model import (
     AllocationRecord,
     HeldBlock,
+    Pool,
 )
 from coil_core.rules import parse_subnet, validate_node_name
 
-NODE_TTL = 90
-"""Seconds a node agent counts as alive after its last report (it reports every 30 s)."""
-
-STATUS_REFRESH = 300
-"""A node's status key is rewritten at least this often while it reports (last-seen time)."""
+NODE_TTL = 180
+"""Seconds a node agent counts as alive after its lease was last refreshed (by a report, or every
+120 s by the replica that serves its WatchNode stream)."""
 
 MAX_REPORTED_ROUTES = 4096
 """Routes one report may carry: one per block the node holds, far more than any node needs."""
@@ -113,6 +115,10 @@ class Nodes(Part):
         super().__init__(context)
         self._claims = claims
         self._node_ttl = node_ttl
+        # node -> (revision, lease on its alive key, status value) as this replica last wrote
+        # them: newer than the view until the view has seen that revision.
+        self._written: dict[str, tuple[int, int, bytes | None]] = {}
+        self._lock = threading.Lock()
 
     def node_blocks(
         self, node: str, with_records: bool = False
@@ -193,6 +199,15 @@ class Nodes(Part):
             records.sort(key=lambda r: (r.created_at, int(r.address)))
         more = paged and end < seen
         return blocks, records, rev, _page_token(rev, end, node) if more else ""
+
+    def node_snapshot(
+        self, node: str
+    ) -> tuple[list[Pool], list[HeldBlock], list[AllocationRecord], int]:
+        """Every pool, and the node's blocks and records, all read at one revision (WatchNode's
+        snapshot)."""
+        blocks, records, revision = self.node_blocks(node, with_records=True)
+        pools, _ = self._pools(revision)
+        return [pools[n] for n in sorted(pools)], blocks, records, revision
 
     def release_node(self, node: str, force: bool = False) -> tuple[list[HeldBlock], int]:
         """Give back every block and record of a node that is gone.
@@ -284,12 +299,16 @@ class Nodes(Part):
     def report_node(
         self, node: str, lease_id: int, routes: Sequence[str], table: int
     ) -> tuple[int, int]:
-        """A node agent's heartbeat: keep (or create) its lease and note its routes.
+        """A node agent's report: make sure it has a live lease, and note its routes.
 
-        Returns the lease to send next time and its TTL. The `alive` key lives on the lease, so
-        it disappears NODE_TTL seconds after the agent stops reporting; the `status` key stays,
-        telling when the agent was last seen (rewritten when its routes change, or every
-        STATUS_REFRESH seconds). Only the lease this node's `alive` key lives on is refreshed:
+        Returns the lease to send next time and its TTL. The `alive` key lives on the lease; the
+        lease is refreshed by this report (one message on the replica's keep-alive stream, none
+        when this replica keeps it alive already for the node's WatchNode stream) and expires
+        NODE_TTL seconds after the last refresh. A lease that has expired (or is not the one on
+        the alive key) is replaced: a new lease, and the alive key put on it. The `status` key
+        is written only when the routes or the table change, or the node comes back alive, so
+        a node that reports what it reported before writes nothing. With the replica's view,
+        neither key is read from etcd. Only the lease this node's `alive` key lives on counts:
         lease IDs are sequential, and a node that sends another's gets a lease of its own, the
         other lease untouched. Raises InvalidArgument (bad node name; more than
         `MAX_REPORTED_ROUTES` routes or one that is not a CIDR: nothing is stored), Unavailable.
@@ -298,37 +317,54 @@ class Nodes(Part):
         validate_node_name(node, op)
         wanted = validate_routes(routes, f'{op} "{node}"')
         now = self._now()
-        alive = False
-        if lease_id > 0:
-            mine = self.store.get(self.keys.node_alive(node))
-            alive = mine is not None and mine.lease == lease_id
-            alive = alive and self.store.keep_alive(lease_id) > 0
+        view = (
+            self._cluster_view
+            if self._cluster_view is not None and self._cluster_view.current
+            else None
+        )
+        if view is not None:
+            on_key, status, seen_at = view.node_keys(node)
+            mine = self._written.get(node)
+            if mine is not None and mine[0] > seen_at:
+                # This replica wrote since the view last saw the node: its own write is newer
+                # (the view catches up within milliseconds, but a report must not wait).
+                _, on_key, status = mine
+            if lease_id <= 0 and on_key > 0:
+                # A first report (a restarted coild, or a retry whose first answer was lost)
+                # while the node's alive key lives: carry on with that lease, write nothing.
+                lease_id = on_key
+            alive = (
+                lease_id > 0
+                and on_key == lease_id
+                and (self.store.lease_held(lease_id) or self.store.keep_alive(lease_id) > 0)
+            )
+        else:
+            alive = False
+            if lease_id > 0:
+                on_alive = self.store.get(self.keys.node_alive(node))
+                alive = on_alive is not None and on_alive.lease == lease_id
+                alive = alive and self.store.keep_alive(lease_id) > 0
+            current = self.store.get(self.keys.node_status(node))
+            status = current.value if current else None
+        ops: list[Op] = []
         if not alive:
             lease_id = self.store.grant_lease(self._node_ttl)
-            self.store.txn(
-                [],
-                [
-                    Put(
-                        self.keys.node_alive(node),
-                        json.dumps({"since": now}).encode(),
-                        lease=lease_id,
-                    )
-                ],
+            ops.append(
+                Put(self.keys.node_alive(node), json.dumps({"since": now}).encode(), lease=lease_id)
             )
-        current = self.store.get(self.keys.node_status(node))
         old = None
-        if current is not None:
+        if status is not None:
             try:
-                old = decode_status(current.value)
+                old = decode_status(status)
             except Unreadable as e:
-                self._skip("node-status", current.key, e)  # rewritten below
-        if (
-            not alive
-            or old is None
-            or list(old.routes) != wanted
-            or old.table != table
-            or now - old.seen_at >= STATUS_REFRESH
-        ):
-            status = {"seen_at": now, "table": table, "routes": wanted}
-            self.store.txn([], [Put(self.keys.node_status(node), json.dumps(status).encode())])
+                self._skip("node-status", self.keys.node_status(node), e)  # rewritten below
+        if not alive or old is None or list(old.routes) != wanted or old.table != table:
+            status = json.dumps({"seen_at": now, "table": table, "routes": wanted}).encode()
+            ops.append(Put(self.keys.node_status(node), status))
+        if ops:
+            revision = self.store.txn([], ops).revision
+            with self._lock:
+                if len(self._written) > 100_000:
+                    self._written.clear()
+                self._written[node] = (revision, lease_id, status)
         return lease_id, self._node_ttl

@@ -58,7 +58,9 @@ from coil_core.rules import parse_subnet, validate_pool_name
 
 
 class Pools(Part):
-    """Create, change, list, delete pools; their usage. No cache: pools are read fresh."""
+    """Create, change, list, delete pools; their usage. Pools are read fresh, except the list,
+    which comes from the replica's watch-fed view when it has one (a change this replica makes
+    waits until the view shows it)."""
 
     def create_pool(self, name: str, subnets: Sequence[str], block_bits: int) -> Pool:
         """Create a pool.
@@ -78,6 +80,7 @@ class Pools(Part):
                 [Put(self.keys.pool(name), encode_pool(pool))],
             )
             if result.succeeded:
+                self._seen(result.revision)
                 return pool
             self._backoff(attempt, "pool create")
         raise Conflict(f'{op} "{name}": pools kept changing; try again')
@@ -114,6 +117,7 @@ class Pools(Part):
                 [Get(self.keys.pool(name))],
             )
             if result.succeeded:
+                self._seen(result.revision)
                 return updated
             if first(result.responses[0]) is None:
                 raise NotFound(f'{op} "{name}": no such pool (deleted meanwhile)')
@@ -121,7 +125,10 @@ class Pools(Part):
         raise Conflict(f'{op} "{name}": pools kept changing; try again')
 
     def list_pools(self) -> list[Pool]:
-        """Every pool, sorted by name."""
+        """Every pool, sorted by name: from the replica's view while its watch is current (no
+        etcd read), else read from etcd."""
+        if self._cluster_view is not None and self._cluster_view.current:
+            return self._cluster_view.pools()
         pools, _ = self._pools()
         return [pools[n] for n in sorted(pools)]
 
@@ -196,6 +203,7 @@ class Pools(Part):
                 [Get(self.keys.blocks(name), prefix=True)],
             )
             if result.succeeded:
+                self._seen(result.revision)
                 return
             held = result.responses[0]
             if isinstance(held, list) and held:

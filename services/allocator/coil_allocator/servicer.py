@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -18,6 +19,8 @@ import grpc
 from coil.v1 import allocator_pb2 as pb
 from coil.v1 import allocator_pb2_grpc as pb_grpc
 from coil_allocator.allocator import Allocator
+from coil_allocator.feed import NodeFeed
+from coil_allocator.view import ClusterView
 from coil_core import errors
 from coil_core.model import (
     Owner,
@@ -30,6 +33,7 @@ from coil_grpc.convert import (
     FAMILY_FROM_PB,
     FAMILY_TO_PB,
     block_pb,
+    node_change_pb,
     pool_pb,
     record_pb,
     record_result_pb,
@@ -46,6 +50,9 @@ log = logging.getLogger("coil.allocator")
 
 RpcObserver = Observer
 
+DEFAULT_MAX_WATCHERS = 1000
+"""WatchNode streams one replica serves at once unless told otherwise (`--max-watchers`)."""
+
 UINT64_MAX = 2**64 - 1
 
 
@@ -55,10 +62,59 @@ def saturate(n: int) -> int:
 
 
 class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
-    """Serves `coil.v1.AllocatorService` from an `Allocator`."""
+    """Serves `coil.v1.AllocatorService` from an `Allocator`.
 
-    def __init__(self, allocator: Allocator) -> None:
+    WatchNode streams come from the allocator's view; an allocator built without one (tests,
+    tools) gets a view of its own at the first WatchNode. At most `max_watchers` streams are
+    served at once (each holds a server thread); one more is refused with UNAVAILABLE, so that
+    the node agent tries again, possibly on another replica.
+    """
+
+    def __init__(self, allocator: Allocator, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
         self.allocator = allocator
+        self.max_watchers = max_watchers
+        self._watchers = 0
+        self._lock = threading.Lock()
+        self._feed: NodeFeed | None = None
+
+    def feed(self) -> NodeFeed:
+        with self._lock:
+            if self._feed is None:
+                view = self.allocator.view
+                if view is None:
+                    view = ClusterView(self.allocator.store, self.allocator.keys)
+                    view.start(wait=5)
+                self._feed = NodeFeed(
+                    view,
+                    self.allocator.store,
+                    self.allocator.nodes.node_snapshot,
+                    self.allocator.node_ttl,
+                )
+            return self._feed
+
+    def WatchNode(
+        self, request: pb.WatchNodeRequest, context: Any
+    ) -> Iterator[pb.WatchNodeResponse]:
+        follow = self.feed().follow(request.node, request.revision, request.lease_id)
+        with self._lock:
+            if self._watchers >= self.max_watchers:
+                raise errors.Unavailable(
+                    f"watch node: this allocator serves {self.max_watchers} watchers already; "
+                    "try again (another replica)"
+                )
+            self._watchers += 1
+        try:
+            # The client going away (or the server stopping) ends the feed's wait at once.
+            context.add_callback(follow.cancel)
+            for change in follow:
+                yield node_change_pb(change)
+        finally:
+            with self._lock:
+                self._watchers -= 1
+
+    def watchers(self) -> int:
+        with self._lock:
+            return self._watchers
 
     def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
         pool = self.allocator.create_pool(
@@ -221,6 +277,7 @@ def serve(
     listen: str | Sequence[str],
     *,
     workers: int = 32,
+    max_watchers: int = DEFAULT_MAX_WATCHERS,
     observe: Observer | None = None,
     credentials: grpc.ServerCredentials | None = None,
     health: Any = None,
@@ -247,10 +304,15 @@ def serve(
     errors_to_status = ErrorsToStatus(
         "coil.v1.AllocatorService", log, "internal error; see the allocator's log", observe
     )
+    # Each WatchNode stream holds a thread while it waits (idle, no CPU): the pool has room for
+    # every watcher and still `workers` threads for the unary calls.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), interceptors=[guard, errors_to_status]
+        futures.ThreadPoolExecutor(max_workers=workers + max_watchers),
+        interceptors=[guard, errors_to_status],
     )
-    pb_grpc.add_AllocatorServiceServicer_to_server(AllocatorServicer(allocator), server)
+    pb_grpc.add_AllocatorServiceServicer_to_server(
+        AllocatorServicer(allocator, max_watchers), server
+    )
     if health is not None:
         from grpc_health.v1 import health_pb2_grpc
 

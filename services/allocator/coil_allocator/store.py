@@ -8,7 +8,7 @@ revision, exactly as etcd's Txn: `success` runs when every compare holds, `failu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -18,7 +18,7 @@ CompareOp = Literal["=", "!=", "<", ">"]
 
 @dataclass(frozen=True, slots=True)
 class KeyValue:
-    """One key as read, with etcd's revisions."""
+    """One key as read, with etcd's revisions (and the lease it is bound to, 0 for none)."""
 
     key: str
     value: bytes
@@ -83,6 +83,55 @@ class TxnResult:
     succeeded: bool
     revision: int
     responses: tuple[list[KeyValue] | int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One change seen by a watch. For a "delete", `kv` carries the key, an empty value and the
+    deletion's revision as `mod_revision` (create_revision and version are 0). `prev` is the
+    key as it was before the change (None when it did not exist, or when the watch was not
+    asked for it)."""
+
+    kind: Literal["put", "delete"]
+    kv: KeyValue
+    prev: KeyValue | None = None
+
+    @property
+    def revision(self) -> int:
+        return self.kv.mod_revision
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """What a watch delivers at a time: the events of whole revisions, oldest first, and the
+    revision the watcher has now seen everything up to (resume a broken watch from
+    `revision + 1`). A batch without events is a progress note: nothing changed up to
+    `revision`."""
+
+    revision: int
+    events: tuple[WatchEvent, ...]
+
+
+class Watch(Protocol):
+    """A running watch: iterate for batches; `close()` ends the iteration from any thread.
+
+    Iterating raises `coil_core.errors.Compacted` when the start revision is older than the
+    store's compacted history (list afresh, then watch from the list's revision + 1), and
+    `coil_core.errors.Unavailable` when the stream breaks (watch again from the last batch's
+    revision + 1, on any endpoint). It ends without error only after `close()`.
+    """
+
+    def __iter__(self) -> Iterator[WatchBatch]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """The store's own figures: its current revision and the size of its database file."""
+
+    revision: int
+    db_size: int
 
 
 def prefix_end(prefix: str) -> str:
@@ -167,7 +216,47 @@ class Store(Protocol):
         ...
 
     def keep_alive(self, lease_id: int) -> int:
-        """Refresh a lease once; return its remaining TTL (0 or less when it has expired)."""
+        """Refresh a lease once and return its remaining TTL (0 or less when it has expired).
+
+        Sent on the process's one lease keep-alive stream (see `hold_lease`), never on a stream
+        of its own.
+        """
+        ...
+
+    def hold_lease(self, lease_id: int, ttl: int) -> None:
+        """Keep `lease_id` alive from now on, refreshing it on the process's one long-lived
+        keep-alive stream (about every `ttl` / 3 seconds) until `drop_lease`. A lease the store
+        says has expired is dropped by itself (`lease_held` turns false)."""
+        ...
+
+    def drop_lease(self, lease_id: int) -> None:
+        """Stop refreshing `lease_id`; it expires on its own after its TTL. No-op if not held."""
+        ...
+
+    def lease_held(self, lease_id: int) -> bool:
+        """Whether `lease_id` is being kept alive and the store's last answer said it lives."""
+        ...
+
+    def revoke_lease(self, lease_id: int) -> None:
+        """End a lease at once: every key bound to it is deleted. No-op if it has expired."""
+        ...
+
+    def watch(self, prefix: str, start_revision: int, *, prev_kv: bool = False) -> Watch:
+        """Watch every key with `prefix` from `start_revision` on (the next revision when 0);
+        with `prev_kv`, each event carries the key's previous value.
+
+        Raises Unavailable when no endpoint accepts the watch; see `Watch` for what iterating
+        raises."""
+        ...
+
+    def compact(self, revision: int) -> None:
+        """Forget the history before `revision` (etcd's compaction; keys' current values stay).
+
+        Raises Compacted if history is already compacted past `revision`."""
+        ...
+
+    def status(self) -> StoreStatus:
+        """The store's current revision and database size."""
         ...
 
     def close(self) -> None:

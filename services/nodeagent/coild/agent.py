@@ -25,6 +25,7 @@ from coil_core.blocks import Address, Network, gateway_of
 from coil_core.model import (
     AllocationRecord,
     HeldBlock,
+    NodeChange,
     Owner,
     Pool,
     RecordOutcome,
@@ -47,6 +48,7 @@ from coild.errors import (
     NotHeld,
     RoutesNotReady,
 )
+from coild.follow import NodeFollower
 from coild.state import Allocation, Attachment, AttachmentKey, NodeBlock, NodeState
 
 log = logging.getLogger("coild")
@@ -64,14 +66,32 @@ class AgentConfig:
     release_grace: float = 60.0
     """Give back a block that has been empty this many seconds (keeping the last one)."""
     maintain_interval: float = 2.0
-    pool_refresh: float = 10.0
+    pool_refresh: float = 600.0
+    """Re-read the pool list this often (a safety net: pool changes come with WatchNode)."""
     route_resync: float = 30.0
     max_batch: int = 128
-    report_interval: float = 30.0
-    """Heartbeat to the allocator (lease and routes) this often."""
-    reconcile_interval: float = 60.0
-    """Re-read this node's blocks and records from the allocator this often."""
+    report_interval: float = 600.0
+    """Report to the allocator this often besides at start and when the routes change (a safety
+    net: the lease stays alive through the WatchNode stream)."""
+    reconcile_interval: float = 600.0
+    """Re-read this node's blocks and records from the allocator this often (a safety net:
+    their changes come with WatchNode)."""
     table: int = 119
+    watch: bool = True
+    """Follow the allocator's WatchNode stream; without it (or with an allocator that has none)
+    coild polls every POLL_* seconds as before."""
+
+
+POLL_POOL_REFRESH = 10.0
+POLL_REPORT = 30.0
+POLL_RECONCILE = 60.0
+"""The intervals of the polling design, used while coild does not follow WatchNode."""
+
+FOLLOW_GRACE = 5.0
+"""Seconds without a WatchNode stream after which the allocator counts as unreachable."""
+
+OWN_RELEASES_KEPT = 600.0
+"""Seconds coild remembers a record it removed itself, to tell its removal from an operator's."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +200,7 @@ class NodeAgent:
         self.ready = threading.Event()
         self.routes_synced = False
         self.routes_error = ""
-        self.allocator_ok = False
+        self._allocator_ok = False
         self._stop = threading.Event()
         self._records = GroupCommitter(
             "record-batches",
@@ -196,6 +216,30 @@ class NodeAgent:
         )
         self._thread: threading.Thread | None = None
         self._lease_id = 0
+        self.follower: NodeFollower | None = None
+        # Blocks and committed attachments when the current WatchNode stream was asked for:
+        # what a snapshot may judge (see `apply`).
+        self._before: tuple[list[NodeBlock], list[Attachment]] = ([], [])
+        # (container, interface, address) -> when coild sent its release (see `apply`).
+        self._own_releases: dict[tuple[str, str, Address], float] = {}
+        self._reported: tuple[frozenset[Network], int] | None = None
+        self._report_due = threading.Event()
+
+    @property
+    def allocator_ok(self) -> bool:
+        """Whether the allocator answers: while following, whether the stream is up (or was
+        within FOLLOW_GRACE seconds); otherwise what the last pool list said."""
+        if self._following():
+            assert self.follower is not None
+            return self.follower.connected(FOLLOW_GRACE)
+        return self._allocator_ok
+
+    @allocator_ok.setter
+    def allocator_ok(self, ok: bool) -> None:
+        self._allocator_ok = ok
+
+    def _following(self) -> bool:
+        return self.follower is not None and not self.follower.unsupported
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -210,6 +254,8 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
         self._routes_dirty.set()
+        if self.follower is not None:
+            self.follower.stop()
         if self._thread:
             self._thread.join(timeout=10)
         self._records.stop()
@@ -220,6 +266,12 @@ class NodeAgent:
         while not self._stop.is_set() and not self.ready.is_set():
             try:
                 self.rebuild()
+                # The first report (the node's lease) before ready: a ready coild is alive.
+                try:
+                    self.report()
+                except NodeAgentError as e:
+                    self._report_due.set()
+                    log.warning("report: %s", e)
                 self.ready.set()
             except NodeAgentError as e:
                 log.warning("start: cannot rebuild state yet: %s", e)
@@ -229,13 +281,28 @@ class NodeAgent:
             if not self.ready.is_set():
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
-        last_maintain = last_report = last_reconcile = 0.0
+        if self._stop.is_set():
+            return
+        last_maintain = last_report = last_reconcile = self._clock()
         last_routes = self._clock()
+        if self.config.watch:
+            self.follower = NodeFollower(
+                self.allocator,
+                self.config.node,
+                self.apply,
+                lambda: self._lease_id,
+                self._lease_lost,
+                self._opening,
+            )
+            self.follower.start()
         while not self._stop.is_set():
             self._routes_dirty.wait(timeout=self.config.maintain_interval)
             if self._stop.is_set():
                 return
             now = self._clock()
+            following = self._following()
+            report_every = self.config.report_interval if following else POLL_REPORT
+            reconcile_every = self.config.reconcile_interval if following else POLL_RECONCILE
             for due, name, task in (
                 (
                     self._routes_dirty.is_set() or now - last_routes >= self.config.route_resync,
@@ -243,12 +310,12 @@ class NodeAgent:
                     self._sync_routes_now,
                 ),
                 (now - last_maintain >= self.config.maintain_interval, "maintain", self.maintain),
-                (now - last_report >= self.config.report_interval, "report", self.report),
                 (
-                    now - last_reconcile >= self.config.reconcile_interval,
-                    "reconcile",
-                    self.reconcile,
+                    self._report_due.is_set() or now - last_report >= report_every,
+                    "report",
+                    self.report,
                 ),
+                (now - last_reconcile >= reconcile_every, "reconcile", self.reconcile),
             ):
                 if not due:
                     continue
@@ -272,12 +339,101 @@ class NodeAgent:
         self.sync_routes()
 
     def report(self) -> None:
-        """Heartbeat to the allocator: keep this node's lease and report its kernel routes."""
+        """Report to the allocator: make sure this node has a live lease, and tell it the routes
+        in the kernel table. Runs at start, when the routes changed, when the lease was lost,
+        and every `report_interval` as a safety net."""
+        self._report_due.clear()
         with self._lock:
             routes = self.routes.current()
         self._lease_id, _ = self.allocator.report_node(
             self.config.node, self._lease_id, sorted(str(r) for r in routes), self.config.table
         )
+        self._reported = (frozenset(routes), self._lease_id)
+
+    def _lease_lost(self) -> None:
+        """The allocator says this node's lease is gone: report at once for a new one."""
+        log.warning("the allocator says this node's lease is gone; reporting again")
+        self._lease_id = 0
+        try:
+            self.report()
+        except NodeAgentError as e:
+            self._report_due.set()
+            log.warning("report: %s", e)
+
+    # -- following the allocator ------------------------------------------------------------
+
+    def _opening(self) -> None:
+        """A WatchNode stream is about to be asked for: note what a snapshot may judge."""
+        with self._lock:
+            self._before = (list(self.state.blocks), list(self.state.committed()))
+
+    def apply(self, change: NodeChange) -> None:
+        """Take in a change the allocator pushed (WatchNode).
+
+        Pools are replaced or removed at once. A snapshot is reconciled like a periodic listing,
+        judging only what existed when the stream was asked for. Otherwise only removals made
+        elsewhere matter (coild knows its own claims and records): a released block is dropped
+        if coild holds that very claim (same claim revision), and a removed record frees its
+        address if a committed attachment still holds it for the same container and interface
+        and coild did not remove it itself.
+        """
+        now = self._clock()
+        if change.snapshot:
+            self._pools = {p.name: p for p in change.pools}
+            self._pools_at = now
+            blocks_before, attachments_before = self._before
+            self._reconcile_with(
+                change.blocks, change.records, blocks_before, attachments_before, now
+            )
+            return
+        if change.pools or change.deleted_pools:
+            pools = dict(self._pools)
+            for pool in change.pools:
+                pools[pool.name] = pool
+            for name in change.deleted_pools:
+                pools.pop(name, None)
+            self._pools = pools
+            log.info(
+                "pools changed: %s",
+                ", ".join([p.name for p in change.pools] + [f"-{n}" for n in change.deleted_pools]),
+            )
+        if not change.released_blocks and not change.released_records:
+            return
+        changed = False
+        with self._lock:
+            for held in change.released_blocks:
+                mine = next(
+                    (b for b in self.state.blocks if b.pool == held.pool and b.cidr == held.cidr),
+                    None,
+                )
+                if mine is None or mine.claim_revision != held.claim_revision:
+                    continue  # returned by coild itself, or claimed anew since
+                log.warning("block %s of pool %s was released elsewhere", held.cidr, held.pool)
+                self.state.drop_block(held.pool, held.cidr)
+                changed = True
+            for record in change.released_records:
+                owner = record.owner
+                own = (owner.container_id, owner.interface, record.address)
+                if self._own_releases.pop(own, None) is not None:
+                    continue
+                attachment = self.state.attachments.get((owner.container_id, owner.interface))
+                if attachment is None or not attachment.done.is_set() or attachment.failed:
+                    continue
+                kept = [a for a in attachment.allocations if a.address != record.address]
+                if len(kept) == len(attachment.allocations):
+                    continue
+                log.warning(
+                    "address %s of %s/%s was freed elsewhere",
+                    record.address,
+                    owner.container_id,
+                    owner.interface,
+                )
+                self.state.free(record.pool, record.address, now)
+                if not kept:
+                    self.state.attachments.pop(attachment.key, None)
+                attachment.allocations = kept
+        if changed:
+            self._routes_dirty.set()
 
     def reconcile(self) -> None:
         """Catch up with changes made behind this agent's back: blocks the allocator no longer
@@ -293,11 +449,23 @@ class NodeAgent:
             blocks_before = list(self.state.blocks)
             attachments_before = list(self.state.committed())
         listed = self.allocator.node_blocks(self.config.node)
-        blocks, records = listed.blocks, listed.records
+        self._reconcile_with(
+            listed.blocks, listed.records, blocks_before, attachments_before, self._clock()
+        )
+
+    def _reconcile_with(
+        self,
+        blocks: Sequence[HeldBlock],
+        records: Sequence[AllocationRecord],
+        blocks_before: Sequence[NodeBlock],
+        attachments_before: Sequence[Attachment],
+        now: float,
+    ) -> None:
+        """Make memory agree with a listing of the node's blocks and records (see `reconcile`),
+        judging only the blocks and attachments of before the listing was asked for."""
         listed_blocks = {(b.pool, b.cidr) for b in blocks}
         listed_records = {(r.owner.container_id, r.owner.interface, r.address) for r in records}
         by_block = _records_by_block(records)
-        now = self._clock()
         changed = False
         with self._lock:
             known = {(b.pool, b.cidr) for b in self.state.blocks}
@@ -396,6 +564,8 @@ class NodeAgent:
                 self.routes.sync(desired)
                 self.routes_synced = True
                 self.routes_error = ""
+                if self._reported is not None and self._reported[0] != desired:
+                    self._report_due.set()  # the allocator's status of this node is out of date
             except NodeAgentError as e:
                 self.routes_synced = False
                 self.routes_error = str(e)
@@ -822,6 +992,16 @@ class NodeAgent:
         """Release `allocations` of `attachment` in the allocator; each one released (or not
         recorded) is freed in memory and leaves `attachment.allocations`. Raises the first
         failure once every result is in: the allocations it concerns stay on the attachment."""
+        # Noted before the release is sent: its removal may come back on the WatchNode stream
+        # before the answer does, and must not be taken for an operator's `address free`.
+        now = self._clock()
+        with self._lock:
+            if len(self._own_releases) > 10_000:
+                self._own_releases = {
+                    k: t for k, t in self._own_releases.items() if now - t < OWN_RELEASES_KEPT
+                }
+            for a in allocations:
+                self._own_releases[(attachment.container_id, attachment.interface, a.address)] = now
         futures = [
             self._releases.submit(
                 ReleaseRequest(a.address, attachment.container_id, attachment.interface)
@@ -883,7 +1063,8 @@ class NodeAgent:
     def maintain(self) -> None:
         """Refresh pools, claim spare blocks where usage crossed the threshold, and return
         blocks empty for longer than the grace period (never the last of a pool and family)."""
-        if self._clock() - self._pools_at >= self.config.pool_refresh:
+        refresh = self.config.pool_refresh if self._following() else POLL_POOL_REFRESH
+        if self._clock() - self._pools_at >= refresh:
             self._refresh_pools()
         now = self._clock()
         with self._lock:
@@ -974,7 +1155,9 @@ class NodeAgent:
     def status(self) -> list[str]:
         """Pools this node can serve; AllocatorUnavailable or NoPool when it cannot serve."""
         self._require_ready()
-        self._refresh_pools()
+        follower = self.follower
+        if not (self._following() and follower is not None and follower.connected()):
+            self._refresh_pools()  # else the pools are current through WatchNode
         if not self._pools:
             raise NoPool("no pool exists: create one with coilctl pool create")
         return self.pools()

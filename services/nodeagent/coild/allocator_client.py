@@ -11,7 +11,7 @@ allocator's message. Nothing is retried here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -21,6 +21,7 @@ from coil.v1 import allocator_pb2_grpc as pb_grpc
 from coil_core.model import (
     HeldBlock,
     NodeBlocks,
+    NodeChange,
     Pool,
     RecordRequest,
     RecordResult,
@@ -29,6 +30,7 @@ from coil_core.model import (
 )
 from coil_grpc.convert import (
     block_from,
+    node_change_from,
     pool_from,
     record_from,
     record_item_pb,
@@ -45,6 +47,7 @@ from coild.errors import (
     InvalidRequest,
     NodeAgentError,
     NoPool,
+    WatchUnsupported,
 )
 
 T = TypeVar("T")
@@ -106,19 +109,29 @@ class AllocatorClient:
     def close(self) -> None:
         self._channel.close()
 
+    def watch_node(self, node: str, revision: int, lease_id: int) -> NodeWatch:
+        """Open a WatchNode stream: the node's changes after `revision` (0: a snapshot first).
+        Iterating the answer gives `NodeChange`s and raises the errors `_call` would; its
+        `cancel()` ends it from any thread. The stream waits for a connection (no deadline)."""
+        request = pb.WatchNodeRequest(node=node, revision=revision, lease_id=lease_id)
+        return NodeWatch(self, self._stub.WatchNode(request, wait_for_ready=True))
+
+    def _error(self, what: str, e: grpc.RpcError) -> NodeAgentError:
+        code = e.code()
+        cls = _ERRORS.get(code, AllocatorRejected)
+        if cls is AllocatorUnavailable:
+            return AllocatorUnavailable(
+                f"{what}: allocator at {self.address} unreachable ({code.name}): {e.details()}"
+            )
+        return cls(e.details() or f"{what}: {code.name}")
+
     def _call(self, what: str, fn: Callable[..., T], request: Any) -> T:
         try:
             # Wait for a connection (up to the deadline) rather than fail at once while the
             # channel reconnects: an allocator that restarts must not fail pods in between.
             return fn(request, timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as e:
-            code = e.code()
-            cls = _ERRORS.get(code, AllocatorRejected)
-            if cls is AllocatorUnavailable:
-                raise AllocatorUnavailable(
-                    f"{what}: allocator at {self.address} unreachable ({code.name}): {e.details()}"
-                ) from None
-            raise cls(e.details() or f"{what}: {code.name}") from None
+            raise self._error(what, e) from None
 
     def list_pools(self) -> list[Pool]:
         pools = self._call("list pools", self._stub.ListPools, pb.ListPoolsRequest()).pools
@@ -176,3 +189,29 @@ class AllocatorClient:
         request = pb.ReportNodeRequest(node=node, lease_id=lease_id, routes=routes, table=table)
         response = self._call("report node", self._stub.ReportNode, request)
         return int(response.lease_id), int(response.ttl)
+
+
+class NodeWatch:
+    """One WatchNode stream (see `AllocatorClient.watch_node`)."""
+
+    def __init__(self, client: AllocatorClient, call: Any) -> None:
+        self._client = client
+        self._call = call
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[NodeChange]:
+        try:
+            for message in self._call:
+                yield node_change_from(message)
+        except grpc.RpcError as e:
+            if self.cancelled:
+                return
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise WatchUnsupported(
+                    f"watch node: the allocator at {self._client.address} has no WatchNode"
+                ) from None
+            raise self._client._error("watch node", e) from None

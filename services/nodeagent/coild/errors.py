@@ -65,3 +65,7 @@ class AllocatorConflict(NodeAgentError, errors.Conflict):
 class AllocatorRejected(NodeAgentError, errors.Internal):
     """The allocator refused a request for a reason coild did not expect; the message carries
     the allocator's (gRPC INTERNAL)."""
+
+
+class WatchUnsupported(AllocatorRejected):
+    """The allocator does not serve WatchNode (an older version): coild polls instead."""

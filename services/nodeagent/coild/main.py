@@ -36,6 +36,12 @@ FLAGS: tuple[Flag, ...] = (
     ("--spare-threshold", "COILD_SPARE_THRESHOLD", "0.8", "claim a spare block at this usage"),
     ("--release-grace", "COILD_RELEASE_GRACE", "60", "seconds a block stays empty before return"),
     ("--allocator-timeout", "COILD_ALLOCATOR_TIMEOUT", "5", "seconds per allocator request"),
+    (
+        "--resync-interval",
+        "COILD_RESYNC_INTERVAL",
+        "600",
+        "seconds between safety-net re-reads of pools, blocks and records (changes are pushed)",
+    ),
     ("--allocator-tls-ca", "COILD_ALLOCATOR_TLS_CA", "", "CA of the allocator's certificate"),
     (
         "--allocator-tls-cert",
@@ -67,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ("spare_threshold", float, 0.01, 1.0),
             ("release_grace", float, 0.0, 86400 * 365),
             ("allocator_timeout", float, 0.1, 600.0),
+            ("resync_interval", float, 1.0, 86400.0),
         ),
     )
     if args.table_id in (253, 254, 255):
@@ -127,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             spare_threshold=args.spare_threshold,
             release_grace=args.release_grace,
             table=args.table_id,
+            pool_refresh=args.resync_interval,
+            report_interval=args.resync_interval,
+            reconcile_interval=args.resync_interval,
         ),
         AllocatorClient(
             args.allocator, args.allocator_timeout, credentials, args.allocator_tls_server_name
@@ -177,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     # Everything built so far lives as long as the process: keep it out of the cyclic collector's
     # scans, which otherwise revisit it under load.
     gc.freeze()
-    stop.wait()
+    # Wake now and then: a signal delivered to another thread (the WatchNode stream's, gRPC's)
+    # runs its handler only when the main thread runs Python code.
+    while not stop.wait(1.0):
+        pass
     log.info("stopping")
     # Routes stay: pods keep their addresses across a coild restart.
     server.stop(grace=5).wait()

@@ -1320,6 +1320,117 @@ class ReportNodeResponse(_message.Message):
 Global___ReportNodeResponse: _TypeAlias = ReportNodeResponse  # noqa: Y015
 
 @_typing.final
+class WatchNodeRequest(_message.Message):
+    """WatchNode request: a node agent follows the changes it needs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """Node name. A node may watch only itself."""
+    revision: _builtins.int
+    """Send the changes after this etcd revision (the `revision` of the last response the agent
+    applied, from any replica). 0, or a revision the allocator no longer has, starts with a
+    snapshot.
+    """
+    lease_id: _builtins.int
+    """The node's lease (from ReportNode). The replica serving the stream keeps it alive while
+    the stream is open, so the agent need not report to stay alive. 0: none.
+    """
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        lease_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "node", b"node", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchNodeRequest: _TypeAlias = WatchNodeRequest  # noqa: Y015
+
+@_typing.final
+class WatchNodeResponse(_message.Message):
+    """One message of WatchNode: a snapshot, or the changes of one or more revisions. Every part is
+    idempotent: apply puts as "is now" and removals as "is gone".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    POOLS_FIELD_NUMBER: _builtins.int
+    DELETED_POOLS_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    RELEASED_BLOCKS_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    RELEASED_RECORDS_FIELD_NUMBER: _builtins.int
+    LEASE_LOST_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bool
+    """This message is a full snapshot: every pool, every block of the node and every record in
+    them. Replace what you hold with it.
+    """
+    revision: _builtins.int
+    """The etcd revision the agent is up to date with once it applied this message; send it in
+    the next WatchNodeRequest to resume.
+    """
+    lease_lost: _builtins.bool
+    """The node's lease is gone (expired, or unknown to etcd): report again (ReportNode with
+    lease_id 0) and watch on with the new lease. The stream ends after this message.
+    """
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pool]:
+        """Pools created or changed (in a snapshot: every pool)."""
+
+    @_builtins.property
+    def deleted_pools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of pools deleted."""
+
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Block]:
+        """Blocks claimed by the node (in a snapshot: every block it holds)."""
+
+    @_builtins.property
+    def released_blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Block]:
+        """Blocks of the node given back (by the node, or by an operator's `node release --force`)."""
+
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocationRecord]:
+        """Records created in the node's blocks (in a snapshot: every one of them)."""
+
+    @_builtins.property
+    def released_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocationRecord]:
+        """Records removed from the node's blocks (by the node, or by an operator's `address free`),
+        with the owner they had.
+        """
+
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.bool = ...,
+        revision: _builtins.int = ...,
+        pools: _abc.Iterable[Global___Pool] | None = ...,
+        deleted_pools: _abc.Iterable[_builtins.str] | None = ...,
+        blocks: _abc.Iterable[Global___Block] | None = ...,
+        released_blocks: _abc.Iterable[Global___Block] | None = ...,
+        records: _abc.Iterable[Global___AllocationRecord] | None = ...,
+        released_records: _abc.Iterable[Global___AllocationRecord] | None = ...,
+        lease_lost: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "deleted_pools", b"deleted_pools", "lease_lost", b"lease_lost", "pools", b"pools", "records", b"records", "released_blocks", b"released_blocks", "released_records", b"released_records", "revision", b"revision", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchNodeResponse: _TypeAlias = WatchNodeResponse  # noqa: Y015
+
+@_typing.final
 class Finding(_message.Message):
     """One problem CheckStore found."""
 

@@ -115,6 +115,11 @@ class AllocatorServiceStub:
                 request_serializer=coil_dot_v1_dot_allocator__pb2.CheckStoreRequest.SerializeToString,
                 response_deserializer=coil_dot_v1_dot_allocator__pb2.CheckStoreResponse.FromString,
                 _registered_method=True)
+        self.WatchNode = channel.unary_stream(
+                '/coil.v1.AllocatorService/WatchNode',
+                request_serializer=coil_dot_v1_dot_allocator__pb2.WatchNodeRequest.SerializeToString,
+                response_deserializer=coil_dot_v1_dot_allocator__pb2.WatchNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AllocatorServiceServicer:
@@ -233,6 +238,14 @@ class AllocatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchNode(self, request, context):
+        """Follow the pool changes and the changes to the node's own blocks and records, from a
+        revision on; keeps the node's lease alive while open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +328,11 @@ def add_AllocatorServiceServicer_to_server(servicer, server):
                     servicer.CheckStore,
                     request_deserializer=coil_dot_v1_dot_allocator__pb2.CheckStoreRequest.FromString,
                     response_serializer=coil_dot_v1_dot_allocator__pb2.CheckStoreResponse.SerializeToString,
+            ),
+            'WatchNode': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNode,
+                    request_deserializer=coil_dot_v1_dot_allocator__pb2.WatchNodeRequest.FromString,
+                    response_serializer=coil_dot_v1_dot_allocator__pb2.WatchNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -750,6 +768,33 @@ class AllocatorService:
             '/coil.v1.AllocatorService/CheckStore',
             coil_dot_v1_dot_allocator__pb2.CheckStoreRequest.SerializeToString,
             coil_dot_v1_dot_allocator__pb2.CheckStoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/coil.v1.AllocatorService/WatchNode',
+            coil_dot_v1_dot_allocator__pb2.WatchNodeRequest.SerializeToString,
+            coil_dot_v1_dot_allocator__pb2.WatchNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,10 @@ class AllocatorServiceStub:
     """A node agent's heartbeat: keeps its lease and reports its routes."""
     CheckStore: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.CheckStoreRequest, _allocator_pb2.CheckStoreResponse]
     """Audit the store (and the routes the agents reported); optionally repair what is safe."""
+    WatchNode: _grpc.UnaryStreamMultiCallable[_allocator_pb2.WatchNodeRequest, _allocator_pb2.WatchNodeResponse]
+    """Follow the pool changes and the changes to the node's own blocks and records, from a
+    revision on; keeps the node's lease alive while open.
+    """
 
 @_typing.type_check_only
 class AllocatorServiceAsyncStub(AllocatorServiceStub):
@@ -116,6 +120,10 @@ class AllocatorServiceAsyncStub(AllocatorServiceStub):
     """A node agent's heartbeat: keeps its lease and reports its routes."""
     CheckStore: _aio.UnaryUnaryMultiCallable[_allocator_pb2.CheckStoreRequest, _allocator_pb2.CheckStoreResponse]  # type: ignore[assignment]
     """Audit the store (and the routes the agents reported); optionally repair what is safe."""
+    WatchNode: _aio.UnaryStreamMultiCallable[_allocator_pb2.WatchNodeRequest, _allocator_pb2.WatchNodeResponse]  # type: ignore[assignment]
+    """Follow the pool changes and the changes to the node's own blocks and records, from a
+    revision on; keeps the node's lease alive while open.
+    """
 
 class AllocatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The allocator service."""
@@ -247,5 +255,15 @@ class AllocatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_allocator_pb2.CheckStoreResponse, _abc.Awaitable[_allocator_pb2.CheckStoreResponse]]:
         """Audit the store (and the routes the agents reported); optionally repair what is safe."""
+
+    @_abc_1.abstractmethod
+    def WatchNode(
+        self,
+        request: _allocator_pb2.WatchNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_allocator_pb2.WatchNodeResponse], _abc.AsyncIterator[_allocator_pb2.WatchNodeResponse]]:
+        """Follow the pool changes and the changes to the node's own blocks and records, from a
+        revision on; keeps the node's lease alive while open.
+        """
 
 def add_AllocatorServiceServicer_to_server(servicer: AllocatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,159 @@
+"""What a WatchNode stream sends: a node's snapshot or changes, from the allocator's view, and the
+node's lease kept alive on the replica's one keep-alive stream while the stream is open.
+
+A follower names the revision it has applied. If the view's history reaches back to it, the
+follower gets exactly the changes after it; otherwise (first start, a revision compacted away, or
+older than the view's history) a snapshot first: every pool, the node's blocks and records read
+at one revision, then the changes after that revision. When the view itself had to list afresh,
+its followers get a new snapshot the same way. A follower whose alive key goes (the lease
+expired, or an operator released the node) is told `lease_lost` and the stream ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+from coil_allocator.store import Store
+from coil_allocator.view import ClusterView, Lost, Resync, Subscription
+from coil_core.errors import Unavailable
+from coil_core.model import AllocationRecord, HeldBlock, NodeChange, Pool
+from coil_core.rules import validate_node_name
+
+NodeSnapshot = Callable[[str], tuple[list[Pool], list[HeldBlock], list[AllocationRecord], int]]
+"""Every pool and a node's blocks and records, read at one revision (and that revision)."""
+
+
+class NodeFeed:
+    """Feeds for the nodes that follow this replica. Thread-safe."""
+
+    def __init__(
+        self, view: ClusterView, store: Store, snapshot: NodeSnapshot, node_ttl: int
+    ) -> None:
+        self.view = view
+        self.store = store
+        self._snapshot = snapshot
+        self._node_ttl = node_ttl
+        self._lock = threading.Lock()
+        self._holders: Counter[int] = Counter()
+
+    def follow(self, node: str, revision: int, lease_id: int) -> Follow:
+        """A node's feed after `revision` (0: from a snapshot). Raises InvalidArgument for a
+        bad node name; iterating raises Unavailable when etcd or the view cannot answer."""
+        validate_node_name(node, "watch node")
+        return Follow(self, node, revision, lease_id)
+
+    # -- the node's lease ---------------------------------------------------------------------
+
+    def hold(self, node: str, lease_id: int) -> bool:
+        """Keep `lease_id` alive while the node follows; False if it is not its live lease."""
+        with self._lock:
+            if self._holders[lease_id] > 0:
+                self._holders[lease_id] += 1
+                return True
+        if self.view.alive_lease(node) != lease_id and self.store.keep_alive(lease_id) <= 0:
+            return False
+        with self._lock:
+            self._holders[lease_id] += 1
+            if self._holders[lease_id] == 1:
+                self.store.hold_lease(lease_id, self._node_ttl)
+        return True
+
+    def release(self, lease_id: int) -> None:
+        """The node stopped following here: its lease lives on for its TTL, no longer."""
+        with self._lock:
+            self._holders[lease_id] -= 1
+            if self._holders[lease_id] <= 0:
+                del self._holders[lease_id]
+                self.store.drop_lease(lease_id)
+
+
+class Follow:
+    """One node's feed (see `NodeFeed.follow`); `cancel` ends the iteration from any thread."""
+
+    def __init__(self, feed: NodeFeed, node: str, revision: int, lease_id: int) -> None:
+        self._feed = feed
+        self.node = node
+        self.revision = revision
+        self.lease_id = lease_id
+        self._sub: Subscription | None = None
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        with self._lock:
+            if self._sub is not None:
+                self._sub.close()
+
+    def _subscribe(self, after: int) -> tuple[Subscription, list[Pool]] | None:
+        got = self._feed.view.subscribe(self.node, after)
+        if got is None:
+            return None
+        with self._lock:
+            if self._sub is not None:
+                self._sub.close()
+            self._sub = got[0]
+            if self._cancelled.is_set():
+                got[0].close()
+        return got
+
+    def _snapshot(self) -> NodeChange:
+        """Every pool and the node's blocks and records, read from etcd at one revision; the
+        subscription then starts after that revision, whether the view is behind it (what it
+        brings up to there is skipped) or ahead (its history replays the rest)."""
+        for _ in range(3):
+            pools, blocks, records, revision = self._feed._snapshot(self.node)
+            if self._subscribe(revision) is None:
+                continue  # the view listed afresh after that read: read again
+            return NodeChange(
+                revision,
+                pools=tuple(pools),
+                blocks=tuple(blocks),
+                records=tuple(records),
+                snapshot=True,
+            )
+        raise Unavailable("watch node: the allocator's view keeps resynchronising; try again")
+
+    def __iter__(self) -> Iterator[NodeChange]:
+        held = False
+        if not self._feed.view.current:
+            raise Unavailable("watch node: the allocator cannot reach etcd; try again")
+        try:
+            if self.lease_id:
+                held = self._feed.hold(self.node, self.lease_id)
+                if not held:
+                    yield NodeChange(self.revision, lease_lost=True)
+                    return
+            if self.revision <= 0 or self._subscribe(self.revision) is None:
+                yield self._snapshot()
+            else:
+                # Resumed: say so at once (the follower knows its stream is up), then the
+                # changes it missed follow from the subscription.
+                yield NodeChange(self.revision)
+            while not self._cancelled.is_set():
+                sub = self._sub
+                assert sub is not None
+                item = sub.get()
+                if item is None:
+                    return  # cancelled
+                if isinstance(item, Resync):
+                    yield self._snapshot()
+                    continue
+                if isinstance(item, Lost):
+                    raise Unavailable(f"watch node: the allocator lost etcd ({item.reason})")
+                if item.lease_lost and not self.lease_id:
+                    item = replace(item, lease_lost=False)  # not following with a lease
+                    if not item:
+                        continue
+                yield item
+                if item.lease_lost:
+                    return
+        finally:
+            with self._lock:
+                if self._sub is not None:
+                    self._sub.close()
+            if held:
+                self._feed.release(self.lease_id)
