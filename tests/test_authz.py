@@ -148,6 +148,16 @@ def call_as(
         return done.stdout.strip()
     with channel(caller) as ch:
         try:
+            if method.endswith("/WatchNode"):
+                # A server stream: allowed when its first message (the snapshot) arrives.
+                stream = ch.unary_stream(
+                    method,
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=lambda b: b,
+                )(request, timeout=10)
+                next(stream)
+                stream.cancel()
+                return OK
             ch.unary_unary(
                 method,
                 request_serializer=type(request).SerializeToString,
@@ -346,6 +356,8 @@ def allocator_request(method: str, node: str, setup: Setup) -> Any:
         return apb.ReportNodeRequest(node=node, lease_id=0, routes=[], table=119)
     if method == "CheckStore":
         return apb.CheckStoreRequest(repair=False)
+    if method == "WatchNode":
+        return apb.WatchNodeRequest(node=node)
     if method == "CheckStore+repair":
         return apb.CheckStoreRequest(repair=True)
     raise AssertionError(f"no case for {method}: add one to the table")
@@ -362,6 +374,7 @@ NODE_SELF = {
     "RecordAllocations",
     "ReleaseAllocations",
     "ReportNode",
+    "WatchNode",
 }
 VIEWER_READS = {"ListPools", "GetPool", "ListNodeBlocks", "GetAddress", "GetUsage", "CheckStore"}
 
