@@ -162,8 +162,8 @@ class ErrorsToStatus(grpc.ServerInterceptor):
             except errors.CoilError as e:
                 code = status_of(e)
                 if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                    log.warning("%s failed: %s", method, e)
-                context.abort(code, str(e))
+                    log.warning("%s failed: %s", method, cut(str(e)))
+                context.abort(code, cut(str(e)))
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed unexpectedly", method)
