@@ -104,7 +104,7 @@ def start_allocator(
 
     def answers() -> bool:
         try:
-            scrape(f"http://127.0.0.1:{port}/")
+            scrape(f"http://127.0.0.1:{port}/metrics")
             return Path(sock[5:]).exists()
         except OSError:
             return False
@@ -155,7 +155,7 @@ def populate(endpoint: str, nodes: int, log: Callable[[str], None]) -> None:
 def rpc_counts(ports: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
     for port in ports:
-        for key, value in scrape(f"http://127.0.0.1:{port}/").items():
+        for key, value in scrape(f"http://127.0.0.1:{port}/metrics").items():
             if key.startswith("coil_allocator_rpcs_total{"):
                 method = key.split('method="', 1)[1].split('"', 1)[0]
                 out[method] = out.get(method, 0.0) + value
@@ -452,7 +452,7 @@ def run_churn(log: Callable[[str], None]) -> dict[str, Any]:
         sampler.join(15)
         result = json.loads(gen.stdout.strip().splitlines()[-1])
         compactions = sum(
-            metric_sum(scrape(f"http://127.0.0.1:{port}/"), "coil_allocator_compactions_total")
+            metric_sum(scrape(f"http://127.0.0.1:{port}/metrics"), "coil_allocator_compactions_total")
             for _, _, port in allocators
         )
     third = [s for s in samples if s[0] >= CHURN_S / 3]

@@ -173,11 +173,17 @@ class ClusterView:
             if after < self._log_from:
                 return None
             sub = Subscription(self, node, after)
-            for change in self._log:
-                if change.revision > after:
-                    item = self._for(change, node)
-                    if item:
-                        sub.put(item)
+            # Only the changes after `after`, found from the newest end: a subscriber that
+            # just took a snapshot needs few or none of the (up to `HISTORY`) kept changes.
+            missed: list[_Change] = []
+            for change in reversed(self._log):
+                if change.revision <= after:
+                    break
+                missed.append(change)
+            for change in reversed(missed):
+                item = self._for(change, node)
+                if item:
+                    sub.put(item)
             self._subscribers.setdefault(node, set()).add(sub)
             return sub, sorted(self._pools.values(), key=lambda p: p.name)
 
@@ -390,9 +396,14 @@ class ClusterView:
                     self._status[node] = value
             self._revision = change.revision
             everyone = bool(change.pools or change.deleted_pools)
-            for node, subs in self._subscribers.items():
-                if not everyone and node not in change.nodes:
-                    continue
+            # A pool change goes to every subscriber; otherwise only the nodes the change
+            # concerns are looked up (a change must not cost a pass over ten thousand nodes).
+            concerned = (
+                list(self._subscribers.items())
+                if everyone
+                else [(n, self._subscribers[n]) for n in change.nodes if n in self._subscribers]
+            )
+            for node, subs in concerned:
                 item = self._for(change, node)
                 for sub in subs:
                     if change.revision > sub.after:

@@ -5,7 +5,8 @@ One thread keeps one stream open. Each message (a `NodeChange`) goes to the agen
 order; the follower remembers the revision the agent applied, and when the stream breaks (the
 replica died, the network cut) it opens a new one naming that revision, so that the allocator,
 whichever replica the channel reaches now, sends exactly what was missed, or a snapshot if it no
-longer has that history. Reconnecting backs off from 0.2 s to 5 s.
+longer has that history. Reconnecting backs off from 0.2 s to 5 s, each wait jittered (half to
+all of it).
 
 The node's lease rides on the stream: the serving replica keeps it alive while it is open. When
 the allocator says the lease is gone, the follower calls `lease_lost` (the agent reports again,
@@ -18,6 +19,7 @@ An allocator without WatchNode (older than coild) makes the follower stop and sa
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,7 @@ class NodeFollower:
         lease_lost: Callable[[], None],
         opening: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self.node = node
@@ -55,6 +58,7 @@ class NodeFollower:
         self._lease_lost = lease_lost
         self._opening = opening
         self._clock = clock
+        self._rng = rng or random.Random()
         self.revision = 0
         self.streams = 0
         self.snapshots = 0
@@ -108,7 +112,9 @@ class NodeFollower:
                 self._set_up(False)
             if self._stop.is_set():
                 return
-            self._stop.wait(delay)
+            # Jittered: when a replica goes, every node it served reconnects at once; spread
+            # over the delay, they do not arrive at the other replica in one burst.
+            self._stop.wait(self._rng.uniform(delay / 2, delay))
             delay = min(delay * 2, 5.0)
 
     def _follow(self) -> bool:
