@@ -6,8 +6,9 @@ Patterns (per simulated node, with random phases so that calls spread evenly):
 - `poll`: the polling coild: ListPools every 10 s, ReportNode every 30 s, ListNodeBlocks with
   records every 60 s (the call pattern of coild before WatchNode).
 - `watch`: the watching coild: one ReportNode at start, then one WatchNode stream (resumed from
-  its revision on the other replica when it breaks), plus the slow safety net: ListPools and
-  ListNodeBlocks every `--safety` seconds and ReportNode every `--report` seconds.
+  its revision on the other replica when it breaks), ended and opened afresh from a snapshot
+  every `--resync` seconds (coild's safety net). `--safety` and `--report` add ListPools and
+  ListNodeBlocks, and ReportNode, on timers (the safety net of earlier coilds).
 With `--churn RATE`, pods come and go on the first nodes: RATE RecordAllocations per second, each
 record released again `--lifetime` seconds later; every WatchNode stream checks that it saw each
 record of its node appear and disappear.
@@ -50,6 +51,7 @@ class Stats:
     latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     snapshots: int = 0
     resumes: int = 0
+    resyncs: int = 0
     messages: int = 0
     # churn bookkeeping: (node, container) -> what was done / what the node's stream saw
     done_put: set[tuple[str, str]] = field(default_factory=set)
@@ -135,9 +137,13 @@ async def list_blocks(node: Node, stats: Stats) -> None:
         node.block = r.blocks[0].cidr
 
 
-async def watch(node: Node, stats: Stats, stop: asyncio.Event) -> None:
-    """One WatchNode stream, resumed on the other replica whenever it breaks."""
+async def watch(node: Node, stats: Stats, stop: asyncio.Event, resync: float = 0.0) -> None:
+    """One WatchNode stream, resumed on the other replica whenever it breaks; with `resync`,
+    ended and opened afresh from a snapshot that often (coild's safety net), first at a random
+    phase."""
     delay = 0.2
+    loop = asyncio.get_running_loop()
+    next_resync = loop.time() + random.uniform(0, resync) if resync > 0 else 0.0
     while not stop.is_set():
         stub = node.stubs[node.home]
         stream = stub.WatchNode(
@@ -146,6 +152,14 @@ async def watch(node: Node, stats: Stats, stop: asyncio.Event) -> None:
         if node.revision:
             stats.resumes += 1
         stats.calls["WatchNode"] += 1
+        resyncing = False
+
+        def resync_now(call: Any = stream) -> None:
+            nonlocal resyncing
+            resyncing = True
+            call.cancel()
+
+        timer = loop.call_at(next_resync, resync_now) if resync > 0 else None
         try:
             async for message in stream:
                 node.stream_up = True
@@ -167,10 +181,21 @@ async def watch(node: Node, stats: Stats, stop: asyncio.Event) -> None:
         except grpc.RpcError as e:
             if stop.is_set():
                 return
-            stats.errors[f"WatchNode:{e.code().name}"] += 1
+            if not resyncing:
+                stats.errors[f"WatchNode:{e.code().name}"] += 1
         except asyncio.CancelledError:
-            stream.cancel()
-            raise
+            if not resyncing:
+                stream.cancel()
+                raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if resyncing:
+            # The safety net: at once, from a snapshot, on the same replica.
+            stats.resyncs += 1
+            node.revision = 0
+            next_resync = loop.time() + resync
+            continue
         node.stream_up = False
         if stop.is_set():
             return
@@ -324,7 +349,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         await asyncio.sleep(random.uniform(0, delay))
                         delay = min(delay * 2, 5.0)
                 n.pools_ok = True
-                await watch(n, stats, stop)
+                await watch(n, stats, stop, args.resync)
 
             tasks.append(asyncio.create_task(start_watch()))
             if args.safety > 0:
@@ -379,6 +404,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "not_ready_at_end": not_ready,
         "snapshots": stats.snapshots,
         "resumes": stats.resumes,
+        "resyncs": stats.resyncs,
         "stream_messages": stats.messages,
     }
     if args.churn > 0:
@@ -401,7 +427,10 @@ def main() -> int:
     p.add_argument("--pools", type=float, default=10.0, help="poll: ListPools period")
     p.add_argument("--report", type=float, default=30.0, help="ReportNode period (0: never)")
     p.add_argument("--blocks", type=float, default=60.0, help="poll: ListNodeBlocks period")
-    p.add_argument("--safety", type=float, default=600.0, help="watch: safety-net period")
+    p.add_argument(
+        "--safety", type=float, default=0.0, help="watch: ListPools/ListNodeBlocks period"
+    )
+    p.add_argument("--resync", type=float, default=600.0, help="watch: period of a fresh snapshot")
     p.add_argument("--ramp", type=float, default=10.0, help="seconds to spread the start over")
     p.add_argument("--duration", type=float, default=3600.0, help="longest run (stdin EOF ends)")
     p.add_argument("--churn", type=float, default=0.0, help="pod ADDs per second")

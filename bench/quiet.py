@@ -312,7 +312,9 @@ def _poll_args() -> list[str]:
 
 
 def _watch_args() -> list[str]:
-    return ["--report", "600", "--safety", "600"]
+    # coild while its stream is open: a report at start only (the lease rides on the stream),
+    # and a fresh snapshot every --resync-interval (600 s) as the safety net.
+    return ["--report", "0", "--resync", "600"]
 
 
 def run_quiet(log: Callable[[str], None]) -> dict[str, Any]:
@@ -433,6 +435,8 @@ def run_churn(log: Callable[[str], None]) -> dict[str, Any]:
                 "0",
                 "--safety",
                 "0",
+                "--resync",
+                "0",  # every change must arrive as a change, to be counted
                 "--ramp",
                 "5",
                 "--churn",
@@ -452,7 +456,9 @@ def run_churn(log: Callable[[str], None]) -> dict[str, Any]:
         sampler.join(15)
         result = json.loads(gen.stdout.strip().splitlines()[-1])
         compactions = sum(
-            metric_sum(scrape(f"http://127.0.0.1:{port}/metrics"), "coil_allocator_compactions_total")
+            metric_sum(
+                scrape(f"http://127.0.0.1:{port}/metrics"), "coil_allocator_compactions_total"
+            )
             for _, _, port in allocators
         )
     third = [s for s in samples if s[0] >= CHURN_S / 3]

@@ -94,8 +94,9 @@ def start_agent(
     made: list[tuple[NodeAgent, AllocatorClient]], target: str, **config: Any
 ) -> NodeAgent:
     client = AllocatorClient(target, timeout=config.pop("timeout", 2.0))
+    settings: dict[str, Any] = {"release_grace": 0.0, "maintain_interval": 3600.0, **config}
     agent = NodeAgent(
-        AgentConfig(node=NODE, release_grace=0.0, maintain_interval=3600.0, **config),
+        AgentConfig(node=NODE, **settings),
         client,
         RecordingRoutes(),
     )
@@ -146,6 +147,53 @@ def test_changes_made_elsewhere_reach_coild_in_time_without_polling(
     calls = r.calls - before
     assert calls["ListPools"] == 0 and calls["ListNodeBlocks"] == 0, calls
     assert took < 2
+
+
+def test_the_safety_net_is_one_snapshot_on_the_stream(
+    store: EtcdStore, etcd_prefix: str, replicas: list[Replica], agents: list[Any]
+) -> None:
+    """With a stream open, the periodic safety net is a fresh snapshot on the stream: it takes
+    in what the stream does not carry (a block claimed for this node whose answer coild never
+    saw), and it asks for no pool list, no node listing and no report."""
+    replicas.append(Replica(store, etcd_prefix))
+    r = replicas[0]
+    r.allocator.create_pool("default", ["10.42.0.0/24"], 3)
+    agent = start_agent(
+        agents,
+        f"127.0.0.1:{r.port}",
+        reconcile_interval=1.0,
+        report_interval=1.0,
+        maintain_interval=0.2,
+        release_grace=3600.0,
+    )
+    agent.allocate(pod("first"))
+    before = Counter(r.calls)
+    # A claim whose answer was lost: held in etcd for this node, unknown to coild. The stream
+    # does not hand coild blocks it did not claim itself; only a full listing does.
+    lost = r.allocator.claim_specific_block(NODE, "default", "10.42.0.200/29").cidr
+    took = wait_for(
+        "the block taken in by the safety net",
+        lambda: lost in {b.cidr for b in agent.state.blocks},
+        5,
+    )
+    calls = r.calls - before
+    assert calls["WatchNode"] >= 1, calls  # the stream that was ended for a fresh snapshot
+    assert calls["ListPools"] == 0 and calls["ListNodeBlocks"] == 0, calls
+    assert took < 5
+    # The new block's route changed what the node exports: that is reported once. Then three
+    # safety-net periods: snapshots only, and no periodic report (the lease rides on the
+    # stream).
+    wait_for(
+        "the new route reported", lambda: agent._reported and not agent._report_due.is_set(), 5
+    )
+    time.sleep(0.5)
+    before = Counter(r.calls)
+    snapshots = agent.follower.snapshots if agent.follower else 0
+    time.sleep(3.2)
+    calls = r.calls - before
+    assert calls["WatchNode"] >= 2, calls
+    assert calls["ListPools"] == calls["ListNodeBlocks"] == calls["ReportNode"] == 0, calls
+    assert agent.follower is not None and agent.follower.snapshots >= snapshots + 2
 
 
 def test_the_stream_survives_its_replica_and_resumes_on_the_other(

@@ -71,11 +71,11 @@ class AgentConfig:
     route_resync: float = 30.0
     max_batch: int = 128
     report_interval: float = 600.0
-    """Report to the allocator this often besides at start and when the routes change (a safety
-    net: the lease stays alive through the WatchNode stream)."""
+    """While no WatchNode stream is open but coild follows, report this often besides at start
+    and when the routes change (with a stream open, the lease rides on it: no periodic report)."""
     reconcile_interval: float = 600.0
-    """Re-read this node's blocks and records from the allocator this often (a safety net:
-    their changes come with WatchNode)."""
+    """The safety net's period: a fresh WatchNode snapshot this often (every pool, this node's
+    blocks and records, reconciled with memory), or a listing when no stream is open."""
     table: int = 119
     watch: bool = True
     """Follow the allocator's WatchNode stream; without it (or with an allocator that has none)
@@ -241,6 +241,17 @@ class NodeAgent:
     def _following(self) -> bool:
         return self.follower is not None and not self.follower.unsupported
 
+    def _streaming(self) -> bool:
+        """Whether a WatchNode stream is open now."""
+        return self._following() and self.follower is not None and self.follower.connected()
+
+    def _safety_net(self) -> None:
+        """Catch up with anything the stream may have missed: a fresh snapshot on the stream
+        when one is open (pools, blocks and records in one call), else a listing."""
+        if self.follower is not None and self._following() and self.follower.resync():
+            return
+        self.reconcile()
+
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> None:
@@ -301,7 +312,17 @@ class NodeAgent:
                 return
             now = self._clock()
             following = self._following()
-            report_every = self.config.report_interval if following else POLL_REPORT
+            streaming = self._streaming()
+            # While a stream is open the lease rides on it and the periodic snapshot (below)
+            # is the safety net: a report is sent only when due (start, routes changed, lease
+            # lost, an earlier one failed).
+            report_every = (
+                float("inf")
+                if streaming
+                else self.config.report_interval
+                if following
+                else POLL_REPORT
+            )
             reconcile_every = self.config.reconcile_interval if following else POLL_RECONCILE
             for due, name, task in (
                 (
@@ -315,7 +336,7 @@ class NodeAgent:
                     "report",
                     self.report,
                 ),
-                (now - last_reconcile >= reconcile_every, "reconcile", self.reconcile),
+                (now - last_reconcile >= reconcile_every, "reconcile", self._safety_net),
             ):
                 if not due:
                     continue
@@ -1064,7 +1085,8 @@ class NodeAgent:
         """Refresh pools, claim spare blocks where usage crossed the threshold, and return
         blocks empty for longer than the grace period (never the last of a pool and family)."""
         refresh = self.config.pool_refresh if self._following() else POLL_POOL_REFRESH
-        if self._clock() - self._pools_at >= refresh:
+        # With a stream open, pools come with it and with its periodic snapshot.
+        if self._clock() - self._pools_at >= refresh and not self._streaming():
             self._refresh_pools()
         now = self._clock()
         with self._lock:

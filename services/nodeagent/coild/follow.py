@@ -12,6 +12,10 @@ The node's lease rides on the stream: the serving replica keeps it alive while i
 the allocator says the lease is gone, the follower calls `lease_lost` (the agent reports again,
 getting a new lease) and reopens the stream with the new lease.
 
+The safety net is a fresh snapshot (`resync`): every few minutes the agent has the follower
+end its stream and open a new one from revision 0, whose snapshot is reconciled with memory like
+a listing. One call then does what a pool list, a block listing and a report did.
+
 An allocator without WatchNode (older than coild) makes the follower stop and say so
 (`unsupported`); the agent then polls as it used to.
 """
@@ -66,6 +70,7 @@ class NodeFollower:
         self._up = False
         self._down_since = clock()
         self._stop = threading.Event()
+        self._resync = False
         self._watch: NodeWatch | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -83,6 +88,19 @@ class NodeFollower:
                 self._watch.cancel()
         if self._thread is not None:
             self._thread.join(10)
+
+    def resync(self) -> bool:
+        """Start over from a snapshot (the safety net): the open stream is ended and the next
+        one asks for revision 0 at once, so memory is reconciled with every pool and this node's
+        blocks and records as the allocator has them, in one call. False (nothing done) when no
+        stream is open."""
+        with self._lock:
+            if not self._up or self._watch is None:
+                return False
+            self._resync = True
+            watch = self._watch
+        watch.cancel()
+        return True
 
     def connected(self, grace: float = 0.0) -> bool:
         """Whether a stream is open (or was, less than `grace` seconds ago)."""
@@ -112,6 +130,9 @@ class NodeFollower:
                 self._set_up(False)
             if self._stop.is_set():
                 return
+            with self._lock:
+                if self._resync:
+                    continue  # asked to start over: reopen at once, from a snapshot
             # Jittered: when a replica goes, every node it served reconnects at once; spread
             # over the delay, they do not arrive at the other replica in one burst.
             self._stop.wait(self._rng.uniform(delay / 2, delay))
@@ -122,6 +143,9 @@ class NodeFollower:
         with self._lock:
             if self._stop.is_set():
                 return False
+            if self._resync:
+                self._resync = False
+                self.revision = 0
             self._opening()
             self._watch = self._client.watch_node(self.node, self.revision, self._lease())
             watch = self._watch
