@@ -12,6 +12,7 @@ expired, or an operator released the node) is told `lease_lost` and the stream e
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -21,6 +22,10 @@ from coil_allocator.view import ClusterView, Lost, Resync, Subscription
 from coil_core.errors import Unavailable
 from coil_core.model import AllocationRecord, HeldBlock, NodeChange, Pool
 from coil_core.rules import validate_node_name
+
+LINGER = 2.0
+"""Seconds a replica keeps a node's lease alive after its stream ended (at most a third of the
+TTL): long enough for coild's safety-net resync, which reopens at once, to find it still held."""
 
 NodeSnapshot = Callable[[str], tuple[list[Pool], list[HeldBlock], list[AllocationRecord], int]]
 """Every pool and a node's blocks and records, read at one revision (and that revision)."""
@@ -38,6 +43,11 @@ class NodeFeed:
         self._node_ttl = node_ttl
         self._lock = threading.Lock()
         self._holders: Counter[int] = Counter()
+        # Leases no stream follows with any more, kept alive until the time given (released
+        # order); a stream that comes back within it takes the lease over on its schedule.
+        self._lingering: dict[int, float] = {}
+        self._linger = min(LINGER, node_ttl / 3)
+        self._sweeper: threading.Thread | None = None
 
     def follow(self, node: str, revision: int, lease_id: int) -> Follow:
         """A node's feed after `revision` (0: from a snapshot). Raises InvalidArgument for a
@@ -48,12 +58,18 @@ class NodeFeed:
     # -- the node's lease ---------------------------------------------------------------------
 
     def hold(self, node: str, lease_id: int) -> bool:
-        """Keep `lease_id` alive while the node follows; False if it is not its live lease."""
+        """Keep `lease_id` alive while the node follows; False if it is not a live lease.
+
+        A lease this replica keeps alive already (another stream of the node, or one that
+        ended a moment ago: a safety-net resync) stays on its refresh schedule. A lease new to
+        this replica is refreshed at once: when it was last refreshed is not known here (the
+        replica that kept it alive may have died just before its refresh was due), and the
+        answer says whether it still lives."""
         with self._lock:
-            if self._holders[lease_id] > 0:
+            if self._holders[lease_id] > 0 or self._lingering.pop(lease_id, None) is not None:
                 self._holders[lease_id] += 1
                 return True
-        if self.view.alive_lease(node) != lease_id and self.store.keep_alive(lease_id) <= 0:
+        if self.store.keep_alive(lease_id) <= 0:
             return False
         with self._lock:
             self._holders[lease_id] += 1
@@ -62,12 +78,32 @@ class NodeFeed:
         return True
 
     def release(self, lease_id: int) -> None:
-        """The node stopped following here: its lease lives on for its TTL, no longer."""
+        """The node stopped following here: its lease is kept alive for `linger` seconds more
+        (a resync opens the next stream at once), then lives on for its TTL, no longer."""
         with self._lock:
             self._holders[lease_id] -= 1
             if self._holders[lease_id] <= 0:
                 del self._holders[lease_id]
-                self.store.drop_lease(lease_id)
+                self._lingering[lease_id] = time.monotonic() + self._linger
+                if self._sweeper is None:
+                    self._sweeper = threading.Thread(
+                        target=self._sweep, name="lease-linger", daemon=True
+                    )
+                    self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Stop keeping alive the leases that nobody followed with again within `linger`."""
+        while True:
+            time.sleep(min(1.0, self._linger))
+            now = time.monotonic()
+            with self._lock:
+                # In order of release, so the expired ones are at the front.
+                while self._lingering:
+                    lease_id, until = next(iter(self._lingering.items()))
+                    if until > now:
+                        break
+                    del self._lingering[lease_id]
+                    self.store.drop_lease(lease_id)
 
 
 class Follow:
