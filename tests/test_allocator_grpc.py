@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,8 @@ from coil.v1 import allocator_pb2 as pb
 from coil.v1 import allocator_pb2_grpc as pb_grpc
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
-from coil_allocator.servicer import serve
+from coil_allocator.servicer import NodeStarts, serve
+from coil_core import errors
 from tests.harness.etcd import EtcdServer
 
 
@@ -306,3 +308,54 @@ def test_overlong_pod_names_fail_only_their_item(
     assert f"more than {63 if problem == 'namespace' else 253}" in second.message
     assert len(second.message) < 300  # the name is quoted cut short
     assert allocator.address_info(bad).record is None
+
+
+class _Deadline:
+    """The one thing `NodeStarts` reads of a call's context: the time its caller still waits."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.until = None if seconds is None else time.monotonic() + seconds
+
+    def time_remaining(self) -> float | None:
+        return None if self.until is None else max(0.0, self.until - time.monotonic())
+
+
+def test_node_starts_take_turns_and_refuse_a_caller_who_would_give_up_first() -> None:
+    starts = NodeStarts(limit=2)
+    inside = threading.Barrier(3)
+    leave = threading.Event()
+    done: list[str] = []
+
+    def busy(name: str) -> None:
+        with starts.turn(_Deadline(10), "node report"):
+            inside.wait(5)
+            leave.wait(5)
+            done.append(name)
+
+    workers = [threading.Thread(target=busy, args=(f"w{i}",)) for i in range(2)]
+    for w in workers:
+        w.start()
+    inside.wait(5)  # both turns are taken
+    # A caller with 0.5 s left is refused before its deadline, and nothing of it is done.
+    t0 = time.monotonic()
+    with (
+        pytest.raises(errors.Unavailable, match="busy with other nodes starting; try again"),
+        starts.turn(_Deadline(0.5), "node report"),
+    ):
+        done.append("late")
+    assert time.monotonic() - t0 < 0.5
+    # One that can wait gets the next free turn.
+    got: list[float] = []
+
+    def patient() -> None:
+        with starts.turn(_Deadline(5), "watch node"):
+            got.append(time.monotonic())
+
+    waiter = threading.Thread(target=patient)
+    waiter.start()
+    time.sleep(0.2)
+    assert not got  # still waiting its turn
+    leave.set()
+    for t in (*workers, waiter):
+        t.join(5)
+    assert sorted(done) == ["w0", "w1"] and len(got) == 1

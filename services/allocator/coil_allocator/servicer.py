@@ -7,6 +7,7 @@ Before it, `coil_grpc.guard.AccessGuard` decides who may make each call (docs/se
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -61,6 +62,42 @@ def saturate(n: int) -> int:
     return min(n, UINT64_MAX)
 
 
+NODE_STARTS = 8
+"""Node start-up calls (a report, the first answer of a WatchNode stream) one replica works on at
+once; the others wait their turn, in order."""
+
+MAX_TURN_WAIT = 5.0
+"""Longest wait for a turn of a call without a deadline (a WatchNode stream)."""
+
+
+class NodeStarts:
+    """Bounds how many node start-up calls do their work at once.
+
+    When a whole cluster starts (or a replica's nodes all move to the other one), thousands of
+    reports and stream snapshots arrive within a minute. Worked on all at once they share one
+    interpreter: each takes seconds, callers time out and retry, and the replica spends its time
+    on answers nobody waits for. In turns, each is done in milliseconds; a call whose caller
+    would have given up before its turn comes is refused at once (UNAVAILABLE: try again), and
+    nothing of it is done."""
+
+    def __init__(self, limit: int = NODE_STARTS) -> None:
+        self.limit = limit
+        self._turns = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def turn(self, context: Any, op: str) -> Iterator[None]:
+        left = context.time_remaining()
+        wait = MAX_TURN_WAIT if left is None else min(MAX_TURN_WAIT, left - 0.25)
+        if wait <= 0 or not self._turns.acquire(timeout=wait):
+            raise errors.Unavailable(
+                f"{op}: this allocator is busy with other nodes starting; try again"
+            )
+        try:
+            yield
+        finally:
+            self._turns.release()
+
+
 class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
     """Serves `coil.v1.AllocatorService` from an `Allocator`.
 
@@ -70,9 +107,15 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
     the node agent tries again, possibly on another replica.
     """
 
-    def __init__(self, allocator: Allocator, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
+    def __init__(
+        self,
+        allocator: Allocator,
+        max_watchers: int = DEFAULT_MAX_WATCHERS,
+        node_starts: NodeStarts | None = None,
+    ) -> None:
         self.allocator = allocator
         self.max_watchers = max_watchers
+        self.node_starts = node_starts or NodeStarts()
         self._watchers = 0
         self._lock = threading.Lock()
         self._feed: NodeFeed | None = None
@@ -106,7 +149,14 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
         try:
             # The client going away (or the server stopping) ends the feed's wait at once.
             context.add_callback(follow.cancel)
-            for change in follow:
+            changes = iter(follow)
+            # The first answer (taking the lease over, a snapshot) is the costly part.
+            with self.node_starts.turn(context, "watch node"):
+                first = next(changes, None)
+            if first is None:
+                return
+            yield node_change_pb(first)
+            for change in changes:
                 yield node_change_pb(change)
         finally:
             with self._lock:
@@ -247,9 +297,10 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
         )
 
     def ReportNode(self, request: pb.ReportNodeRequest, context: Any) -> pb.ReportNodeResponse:
-        lease_id, ttl = self.allocator.report_node(
-            request.node, request.lease_id, list(request.routes), request.table
-        )
+        with self.node_starts.turn(context, "node report"):
+            lease_id, ttl = self.allocator.report_node(
+                request.node, request.lease_id, list(request.routes), request.table
+            )
         return pb.ReportNodeResponse(lease_id=lease_id, ttl=ttl)
 
     def CheckStore(self, request: pb.CheckStoreRequest, context: Any) -> pb.CheckStoreResponse:
