@@ -5,7 +5,8 @@ replicas and over many connections (as many coilds would be).
 Patterns (per simulated node, with random phases so that calls spread evenly):
 - `poll`: the polling coild: ListPools every 10 s, ReportNode every 30 s, ListNodeBlocks with
   records every 60 s (the call pattern of coild before WatchNode).
-- `watch`: the watching coild: one ReportNode at start, then one WatchNode stream (resumed from
+- `watch`: the watching coild: at start ListPools, ListNodeBlocks with records and ReportNode
+  (retried with a jittered backoff until all three work), then one WatchNode stream (resumed from
   its revision on the other replica when it breaks), ended and opened afresh from a snapshot
   every `--resync` seconds (coild's safety net). `--safety` and `--report` add ListPools and
   ListNodeBlocks, and ReportNode, on timers (the safety net of earlier coilds).
@@ -102,6 +103,11 @@ async def periodic(
         delay = period
 
 
+async def lease_report(node: Node, stats: Stats) -> bool:
+    await report(node, stats)
+    return bool(node.lease)
+
+
 async def report(node: Node, stats: Stats) -> None:
     stub = node.stubs[node.home]
     r = await call(
@@ -116,6 +122,14 @@ async def report(node: Node, stats: Stats) -> None:
         node.lease = r.lease_id
 
 
+async def rebuild(node: Node, stats: Stats) -> bool:
+    """coild's start: the pool list, then the node's blocks with their records."""
+    await list_pools(node, stats)
+    if not node.pools_ok:
+        return False
+    return await list_blocks(node, stats)
+
+
 async def list_pools(node: Node, stats: Stats) -> None:
     r = await call(
         stats,
@@ -125,7 +139,7 @@ async def list_pools(node: Node, stats: Stats) -> None:
     node.pools_ok = r is not None
 
 
-async def list_blocks(node: Node, stats: Stats) -> None:
+async def list_blocks(node: Node, stats: Stats) -> bool:
     r = await call(
         stats,
         "ListNodeBlocks",
@@ -135,6 +149,7 @@ async def list_blocks(node: Node, stats: Stats) -> None:
     )
     if r is not None and r.blocks and not node.block:
         node.block = r.blocks[0].cidr
+    return r is not None
 
 
 async def watch(node: Node, stats: Stats, stop: asyncio.Event, resync: float = 0.0) -> None:
@@ -341,13 +356,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
             async def start_watch(n: Node = node) -> None:
                 await asyncio.sleep(random.uniform(0, args.ramp))
-                delay = 0.5
-                while not args.no_lease and not n.lease and not stop.is_set():
-                    # As coild: the first report (the node's lease) is retried until it works.
-                    await report(n, stats)
-                    if not n.lease:
-                        await asyncio.sleep(random.uniform(0, delay))
-                        delay = min(delay * 2, 5.0)
+                delay = 0.2
+                while not stop.is_set():
+                    # As coild starts: its state rebuilt from a pool list and a listing of
+                    # its blocks and records, then its first report (the node's lease), the
+                    # whole retried with a jittered backoff until it works.
+                    if await rebuild(n, stats) and (args.no_lease or await lease_report(n, stats)):
+                        break
+                    await asyncio.sleep(random.uniform(delay / 2, delay))
+                    delay = min(delay * 2, 5.0)
                 n.pools_ok = True
                 await watch(n, stats, stop, args.resync)
 

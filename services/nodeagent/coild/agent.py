@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
@@ -290,7 +291,9 @@ class NodeAgent:
                 # Never let the loop die: a coild that is not ready says so on /readyz.
                 log.exception("start: rebuilding state failed")
             if not self.ready.is_set():
-                self._stop.wait(delay)
+                # Jittered: coilds that failed together (an allocator that was down, busy with
+                # a whole cluster starting) do not all come back in the same instant.
+                self._stop.wait(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 5.0)
         if self._stop.is_set():
             return
