@@ -1,4 +1,4 @@
-"""Bounded concurrency for expensive reads (CheckStore, GetPool, ListNodeBlocks with records).
+"""Bounded concurrency for expensive reads (CheckStore, GetPool: reads of the whole cluster).
 
 A server has a fixed number of worker threads; reads that scan much of etcd could take them all
 and starve the calls pods wait for (claims and records). Calls beyond the bound are refused at

@@ -77,7 +77,7 @@ FLAGS: tuple[Flag, ...] = (
         "--expensive-reads",
         "COIL_EXPENSIVE_READS",
         "4",
-        "CheckStore, GetPool, ListNodeBlocks with records served at once; more get UNAVAILABLE",
+        "CheckStore and GetPool served at once; more get UNAVAILABLE",
     ),
     (
         "--max-watchers",

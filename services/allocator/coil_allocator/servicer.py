@@ -63,8 +63,8 @@ def saturate(n: int) -> int:
 
 
 NODE_STARTS = 8
-"""Node start-up calls (a report, the first answer of a WatchNode stream) one replica works on at
-once; the others wait their turn, in order."""
+"""Node start-up calls (a report, a node's listing, the first answer of a WatchNode stream) one
+replica works on at once; the others wait their turn, in order."""
 
 MAX_TURN_WAIT = 5.0
 """Longest wait for a turn of a call without a deadline (a WatchNode stream)."""
@@ -74,11 +74,11 @@ class NodeStarts:
     """Bounds how many node start-up calls do their work at once.
 
     When a whole cluster starts (or a replica's nodes all move to the other one), thousands of
-    reports and stream snapshots arrive within a minute. Worked on all at once they share one
-    interpreter: each takes seconds, callers time out and retry, and the replica spends its time
-    on answers nobody waits for. In turns, each is done in milliseconds; a call whose caller
-    would have given up before its turn comes is refused at once (UNAVAILABLE: try again), and
-    nothing of it is done."""
+    node listings, reports and stream snapshots arrive within a minute. Worked on all at once
+    they share one interpreter: each takes seconds, callers time out and retry, and the replica
+    spends its time on answers nobody waits for. In turns, each is done in milliseconds; a call
+    whose caller would have given up before its turn comes is refused at once (UNAVAILABLE: try
+    again), and nothing of it is done."""
 
     def __init__(self, limit: int = NODE_STARTS) -> None:
         self.limit = limit
@@ -217,9 +217,10 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
     def ListNodeBlocks(
         self, request: pb.ListNodeBlocksRequest, context: Any
     ) -> pb.ListNodeBlocksResponse:
-        blocks, records, revision, next_token = self.allocator.node_blocks_page(
-            request.node, request.with_records, request.page_size, request.page_token
-        )
+        with self.node_starts.turn(context, "node blocks"):
+            blocks, records, revision, next_token = self.allocator.node_blocks_page(
+                request.node, request.with_records, request.page_size, request.page_token
+            )
         return pb.ListNodeBlocksResponse(
             blocks=[block_pb(b) for b in blocks],
             records=[record_pb(r) for r in records],
