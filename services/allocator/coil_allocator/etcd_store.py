@@ -610,44 +610,52 @@ class _LeaseKeeper:
         try:
             while not self._closed:
                 index = self._store._endpoint_index()
-                channel = channels.get(index)
-                if channel is None:
-                    channel = channels[index] = self._store._aio_channel(index)
-                call = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=self._store._metadata())
-                with self._lock:
-                    # A new stream refreshes every held lease at once, and repeats lost one-offs.
-                    now = time.monotonic()
-                    for entry in self._held.values():
-                        entry.due = now
-                    self._due = [(now, lease_id) for lease_id in self._held]
-                    heapq.heapify(self._due)
-                    self._oneoffs = list(self._waiting)
-                reader = asyncio.ensure_future(self._read(call))
-                sender = asyncio.ensure_future(self._send(call))
-                await asyncio.wait((reader, sender), return_when=asyncio.FIRST_COMPLETED)
-                call.cancel()
-                for task in (reader, sender):
-                    task.cancel()
-                error: BaseException | None = None
-                for task in (reader, sender):
-                    try:
-                        await task
-                    except asyncio.CancelledError:
-                        pass
-                    except Exception as e:
-                        error = error or e
+                try:
+                    channel = channels.get(index)
+                    if channel is None:
+                        channel = channels[index] = self._store._aio_channel(index)
+                    reason = await self._stream(channel)
+                except Exception as e:  # never let the thread die: held leases would expire
+                    reason = repr(e)
                 if self._closed:
                     return
-                if isinstance(error, grpc.RpcError):
-                    reason = error.code().name
-                else:
-                    reason = repr(error) if error is not None else "closed by etcd"
                 log.warning("lease keep-alive stream broken (%s); reopening", reason)
                 self._store._fail_over(index)
                 await asyncio.sleep(self.RETRY)
         finally:
             for channel in channels.values():
                 await channel.close()
+
+    async def _stream(self, channel: grpc.aio.Channel) -> str:
+        """Run one stream until it breaks or the keeper closes; say why it ended."""
+        call = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=self._store._metadata())
+        with self._lock:
+            # A new stream refreshes every held lease at once, and repeats lost one-offs.
+            now = time.monotonic()
+            for entry in self._held.values():
+                entry.due = now
+            self._due = [(now, lease_id) for lease_id in self._held]
+            heapq.heapify(self._due)
+            self._oneoffs = list(self._waiting)
+        reader = asyncio.ensure_future(self._read(call))
+        sender = asyncio.ensure_future(self._send(call))
+        try:
+            await asyncio.wait((reader, sender), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            call.cancel()
+            for task in (reader, sender):
+                task.cancel()
+        error: BaseException | None = None
+        for task in (reader, sender):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:
+                error = error or e
+        if isinstance(error, grpc.RpcError):
+            return error.code().name
+        return repr(error) if error is not None else "closed by etcd"
 
     async def _read(self, call: Any) -> None:
         """Take the stream's answers until it ends (or raise the error that broke it)."""
