@@ -166,9 +166,12 @@ class EtcdStore:
         """A grpc.aio channel to endpoint `index`, for the lease keeper's event loop (call it
         on that loop)."""
         target = self._targets[index]
+        # No bandwidth probing: it pings etcd after incoming data to grow the window, which
+        # tiny answers never need (some 15 % of the stream's CPU in a microbenchmark).
+        options = [*self._options, ("grpc.http2.bdp_probe", 0)]
         if self._creds is not None:
-            return grpc.aio.secure_channel(target, self._creds, options=self._options)
-        return grpc.aio.insecure_channel(target, options=self._options)
+            return grpc.aio.secure_channel(target, self._creds, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
     def _fail_over(self, failed: int) -> None:
         with self._lock:
