@@ -36,6 +36,7 @@ from coil.v1 import allocator_pb2_grpc as apb_grpc
 from coil.v1 import nodeagent_pb2 as npb
 from coil.v1 import nodeagent_pb2_grpc as npb_grpc
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
+from coil_allocator.store import Put
 from coild.allocator_client import AllocatorClient
 from coild.errors import AllocatorRejected, AllocatorUnavailable
 from tests.conftest import snapshot
@@ -222,6 +223,32 @@ def test_allocator_uses_etcd_over_tls_with_client_certificate(
         assert proc.alive()
     finally:
         proc.stop()
+
+
+def test_leases_are_kept_alive_over_tls_with_client_certificate(
+    tls_etcd: EtcdServer, certs: Certs
+) -> None:
+    """The keep-alive stream has channels of its own: they must use the same TLS credentials."""
+    store = EtcdStore(
+        EtcdConfig(
+            (f"https://{tls_etcd.endpoint}",),
+            tls_ca=str(certs.ca.cert),
+            tls_cert=str(certs.client.cert),
+            tls_key=str(certs.client.key),
+            timeout=3,
+        )
+    )
+    try:
+        key = f"/coil/tls-lease-{uuid.uuid4().hex[:8]}"
+        lease = store.grant_lease(2)
+        store.txn([], [Put(key, b"", lease=lease)])
+        store.hold_lease(lease, 2)
+        assert store.keep_alive(lease) > 0
+        time.sleep(4)
+        assert store.get(key) is not None
+        assert store.lease_held(lease)
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("client", ["ca-only", "foreign-cert"])

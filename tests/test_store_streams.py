@@ -13,7 +13,7 @@ import pytest
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coil_allocator.store import Delete, Put, WatchBatch
 from coil_core.errors import Compacted, Unavailable
-from tests.harness.etcd import EtcdServer, start_etcd
+from tests.harness.etcd import EtcdServer, free_port, start_etcd
 
 
 @pytest.fixture
@@ -247,3 +247,63 @@ def test_the_keepalive_stream_comes_back_after_etcd_restarts() -> None:
     finally:
         s.close()
         server.stop()
+
+
+def test_a_held_lease_that_etcd_says_has_expired_is_no_longer_held(
+    own_store: EtcdStore, own_etcd: EtcdServer
+) -> None:
+    lease = own_store.grant_lease(2)
+    own_store.hold_lease(lease, 2)
+    assert own_store.lease_held(lease)
+    # Revoked by another client: the next refresh is answered with TTL 0.
+    other = EtcdStore(EtcdConfig((own_etcd.endpoint,), timeout=3))
+    try:
+        other.revoke_lease(lease)
+    finally:
+        other.close()
+    deadline = time.monotonic() + 5
+    while own_store.lease_held(lease) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not own_store.lease_held(lease)
+    # Another lease held on the same stream lives on.
+    kept = own_store.grant_lease(2)
+    own_store.hold_lease(kept, 2)
+    time.sleep(3)
+    assert own_store.lease_held(kept)
+    assert own_store.keep_alive(kept) > 0
+
+
+def test_the_keepalive_stream_fails_over_to_the_next_endpoint(own_etcd: EtcdServer) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    live = EtcdStore(EtcdConfig((own_etcd.endpoint,), timeout=3))
+    s = EtcdStore(EtcdConfig((dead, own_etcd.endpoint), timeout=3))
+    try:
+        lease = live.grant_lease(3)
+        live.txn([], [Put("/coil/failover", b"", lease=lease)])
+        # The stream opens on the dead endpoint first, breaks, and reopens on the live one,
+        # repeating the refreshes that had no answer.
+        s.hold_lease(lease, 3)
+        assert s.keep_alive(lease) > 0
+        time.sleep(5)
+        assert live.get("/coil/failover") is not None
+        assert s.lease_held(lease)
+    finally:
+        s.close()
+        live.close()
+
+
+def test_a_refresh_without_answer_is_unavailable_and_close_ends_the_stream() -> None:
+    before = set(threading.enumerate())
+    server = start_etcd("coil-keeper-down")
+    s = EtcdStore(EtcdConfig((server.endpoint,), timeout=1))
+    try:
+        lease = s.grant_lease(5)
+        assert s.keep_alive(lease) > 0
+        server.proc.kill()
+        server.proc.wait(10)
+        with pytest.raises(Unavailable, match=f"lease {lease} keep-alive: no answer"):
+            s.keep_alive(lease)
+    finally:
+        s.close()
+        server.stop()
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "etcd-keepalive"]

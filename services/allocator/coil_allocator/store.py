@@ -225,8 +225,9 @@ class Store(Protocol):
 
     def hold_lease(self, lease_id: int, ttl: int) -> None:
         """Keep `lease_id` alive from now on, refreshing it on the process's one long-lived
-        keep-alive stream (about every `ttl` / 3 seconds) until `drop_lease`. A lease the store
-        says has expired is dropped by itself (`lease_held` turns false)."""
+        keep-alive stream (when a minute of its TTL is left, and at least three times per TTL)
+        until `drop_lease`. A lease the store says has expired is dropped by itself
+        (`lease_held` turns false)."""
         ...
 
     def drop_lease(self, lease_id: int) -> None:
