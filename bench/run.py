@@ -499,7 +499,8 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
         "",
         f"Polling design: allocator and coild of commit {quiet_runs.get('baseline')} (ListPools "
         "every 10 s, ReportNode every 30 s, ListNodeBlocks every 60 s); watch design: this "
-        "commit (WatchNode stream, safety net every 600 s). Measured over "
+        "commit (WatchNode stream, a fresh snapshot on it every 600 s as the safety net). "
+        "Measured over "
         f"{quiet_runs.get('window_s')} s after the simulated nodes started.",
         "",
         *header(
@@ -513,6 +514,7 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
             "revisions/min",
             "DB growth MB/day",
             "not ready",
+            "allocator RSS (MB)",
             "errors",
         ),
     ]
@@ -529,9 +531,20 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
                 run["revisions_per_min"],
                 run["db_growth_mb_per_day"],
                 run["not_ready_at_end"],
+                " / ".join(str(m) for m in run.get("allocator_rss_mb", [])),
                 run["errors"] or "",
             )
         )
+    by = {(r["mode"], r["nodes"]): r for r in quiet_runs.get("runs", [])}
+    for nodes in sorted({n for _, n in by}):
+        watch, poll = by.get(("watch", nodes)), by.get(("poll", nodes))
+        if watch and poll and watch["total_cores"] > 0:
+            lines.append(
+                f"\n{nodes} nodes: watching {watch['total_cores']} cores against polling "
+                f"{poll['total_cores']} ({poll['total_cores'] / watch['total_cores']:.1f}x), "
+                f"{watch['etcd_requests_per_s']} etcd requests/s against "
+                f"{poll['etcd_requests_per_s']}."
+            )
     churn = q.get("churn")
     if churn:
         lines += [
