@@ -386,9 +386,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         periodic(args.report, stop, lambda n=node: report(n, stats))
                     )
                 )
-    # Tell the parent when the ramp is over, so it measures the steady state.
+    # Tell the parent when every node is up (or `--start-timeout` after the ramp), so that it
+    # measures the quiet state, not the start.
     await asyncio.sleep(args.ramp)
-    print(json.dumps({"ramped": True}), flush=True)
+
+    def up() -> int:
+        return sum(1 for n in nodes if (n.stream_up if args.mode == "watch" else n.pools_ok))
+
+    waited = 0.0
+    while up() < len(nodes) and waited < args.start_timeout:
+        await asyncio.sleep(1.0)
+        waited += 1.0
+    print(
+        json.dumps({"ramped": True, "up": up(), "start_s": round(time.monotonic() - started, 1)}),
+        flush=True,
+    )
     churner = None
     if args.churn > 0:
         churner = asyncio.create_task(
@@ -454,6 +466,12 @@ def main() -> int:
     p.add_argument("--churn-nodes", type=int, default=1000)
     p.add_argument("--lifetime", type=float, default=10.0, help="seconds a churned pod lives")
     p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=0.0,
+        help="longest wait for every node after the ramp",
+    )
     p.add_argument("--no-lease", action="store_true", help="watch without a lease (experiments)")
     args = p.parse_args()
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

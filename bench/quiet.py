@@ -3,7 +3,9 @@
 1. The call pattern of one real coild: a coild runs in a namespace against the allocator for a
    while; its RPCs are counted from the allocator's metrics (per method, per second).
 2. Many nodes: `bench.loadgen` plays N coilds with that pattern against two allocator replicas
-   and one etcd, where N nodes hold a block and two records each. Over a measured window it
+   and one etcd, where N nodes hold a block and two records each; they start over a ramp, and
+   the time until every node is up is reported (the start storm). Over a measured window that
+   begins once every node is up (or 300 s after the ramp), it
    reads the CPU time of the allocators and etcd (/proc), the allocators' RPC counters, etcd's
    gRPC counters (requests/s), etcd's revision (revisions/min) and its database size.
 3. The same for the polling design, in the same run: the allocator and coild of the baseline
@@ -47,6 +49,7 @@ BLOCK_BITS = 6
 PREFIX = "q-"
 TICKS = os.sysconf("SC_CLK_TCK")
 # Compaction for the churn run: often enough to show a flat database within the run.
+START_TIMEOUT = float(pick("300", "60"))
 CHURN_COMPACTION = ["--compaction-interval", "15", "--compaction-retention", "60"]
 
 
@@ -236,6 +239,10 @@ def measure(
             mode,
             "--ramp",
             str(ramp),
+            # The window measures the quiet state: it starts once every node is up, or
+            # START_TIMEOUT s after the ramp (the start storm is reported on its own).
+            "--start-timeout",
+            str(START_TIMEOUT),
             *loadgen_args,
         ],
         stdin=subprocess.PIPE,
@@ -249,7 +256,12 @@ def measure(
         line = gen.stdout.readline()
         if not line:
             raise RuntimeError(f"loadgen ended early: {gen.wait()}")
-        time.sleep(5)  # let the ramp's last calls settle
+        started = json.loads(line)
+        log(
+            f"  {mode} {nodes:>6} nodes: {started['up']} up {started['start_s']} s after the "
+            f"first started (over a {ramp:.0f} s ramp)"
+        )
+        time.sleep(5)  # let the last starts' calls settle
         pids = [p.popen.pid for p, _, _ in allocators]
         ports = [port for _, _, port in allocators]
         cpu0 = [cpu_seconds(pid) for pid in pids]
@@ -293,6 +305,8 @@ def measure(
         ),
         "db_in_use_mb": round(etcd1["db_in_use"] / 1e6, 1),
         "allocator_rss_mb": [round(rss_kb(pid)["VmRSS"] / 1024) for pid in pids],
+        "up_before_window": started["up"],
+        "start_s": started["start_s"],
         "not_ready_at_end": result["not_ready_at_end"],
         "errors": result["errors"],
         "latency": result["latency"],
