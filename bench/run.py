@@ -501,7 +501,8 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
         "every 10 s, ReportNode every 30 s, ListNodeBlocks every 60 s); watch design: this "
         "commit (WatchNode stream, a fresh snapshot on it every 600 s as the safety net). "
         "Measured over "
-        f"{quiet_runs.get('window_s')} s after the simulated nodes started.",
+        f"{quiet_runs.get('window_s')} s, from when every simulated node was up (or 300 s "
+        "after the ramp).",
         "",
         *header(
             "design",
