@@ -244,14 +244,13 @@ class NodeAgent:
 
     def _streaming(self) -> bool:
         """Whether a WatchNode stream is open now."""
-        return self._following() and self.follower is not None and self.follower.connected()
+        return self.follower is not None and self.follower.connected()
 
     def _safety_net(self) -> None:
         """Catch up with anything the stream may have missed: a fresh snapshot on the stream
         when one is open (pools, blocks and records in one call), else a listing."""
-        if self.follower is not None and self._following() and self.follower.resync():
-            return
-        self.reconcile()
+        if self.follower is None or not self.follower.resync():
+            self.reconcile()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -319,13 +318,10 @@ class NodeAgent:
             # While a stream is open the lease rides on it and the periodic snapshot (below)
             # is the safety net: a report is sent only when due (start, routes changed, lease
             # lost, an earlier one failed).
-            report_every = (
-                float("inf")
-                if streaming
-                else self.config.report_interval
-                if following
-                else POLL_REPORT
-            )
+            if streaming:
+                report_every = float("inf")
+            else:
+                report_every = self.config.report_interval if following else POLL_REPORT
             reconcile_every = self.config.reconcile_interval if following else POLL_RECONCILE
             for due, name, task in (
                 (
