@@ -5,8 +5,8 @@ replicas and over many connections (as many coilds would be).
 Patterns (per simulated node, with random phases so that calls spread evenly):
 - `poll`: the polling coild: ListPools every 10 s, ReportNode every 30 s, ListNodeBlocks with
   records every 60 s (the call pattern of coild before WatchNode).
-- `watch`: the watching coild: at start ListPools, ListNodeBlocks with records and ReportNode
-  (retried with a jittered backoff until all three work), then one WatchNode stream (resumed from
+- `watch`: the watching coild: at start ReportNode (retried with a jittered backoff until it
+  works), then one WatchNode stream whose first snapshot is the node's state (resumed from
   its revision on the other replica when it breaks), ended and opened afresh from a snapshot
   every `--resync` seconds (coild's safety net). `--safety` and `--report` add ListPools and
   ListNodeBlocks, and ReportNode, on timers (the safety net of earlier coilds).
@@ -120,14 +120,6 @@ async def report(node: Node, stats: Stats) -> None:
     )
     if r is not None:
         node.lease = r.lease_id
-
-
-async def rebuild(node: Node, stats: Stats) -> bool:
-    """coild's start: the pool list, then the node's blocks with their records."""
-    await list_pools(node, stats)
-    if not node.pools_ok:
-        return False
-    return await list_blocks(node, stats)
 
 
 async def list_pools(node: Node, stats: Stats) -> None:
@@ -358,10 +350,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(random.uniform(0, args.ramp))
                 delay = 0.2
                 while not stop.is_set():
-                    # As coild starts: its state rebuilt from a pool list and a listing of
-                    # its blocks and records, then its first report (the node's lease), the
-                    # whole retried with a jittered backoff until it works.
-                    if await rebuild(n, stats) and (args.no_lease or await lease_report(n, stats)):
+                    # As coild starts: its first report (the node's lease), retried with a
+                    # jittered backoff until it works; its state then comes with the stream's
+                    # first snapshot.
+                    if args.no_lease or await lease_report(n, stats):
                         break
                     await asyncio.sleep(random.uniform(delay / 2, delay))
                     delay = min(delay * 2, 5.0)

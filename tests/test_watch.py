@@ -43,7 +43,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float) -> float:
 class Replica:
     """One allocator replica: its own view and server over the shared etcd, counting RPCs."""
 
-    def __init__(self, shared: EtcdStore, prefix: str, port: int | None = None) -> None:
+    def __init__(
+        self, shared: EtcdStore, prefix: str, port: int | None = None, max_watchers: int = 50
+    ) -> None:
         # Its own connections to etcd, and so its own keep-alive stream.
         store = self.store = EtcdStore(shared._config)
         self.view = ClusterView(store, Keys(prefix))
@@ -56,7 +58,7 @@ class Replica:
             self.allocator,
             f"127.0.0.1:{self.port}",
             observe=self._observe,
-            max_watchers=50,
+            max_watchers=max_watchers,
             insecure=True,  # loopback in a test: callers are operators
         )
 
@@ -91,7 +93,10 @@ def agents() -> Iterator[list[tuple[NodeAgent, AllocatorClient]]]:
 
 
 def start_agent(
-    made: list[tuple[NodeAgent, AllocatorClient]], target: str, **config: Any
+    made: list[tuple[NodeAgent, AllocatorClient]],
+    target: str,
+    stream: bool = True,
+    **config: Any,
 ) -> NodeAgent:
     client = AllocatorClient(target, timeout=config.pop("timeout", 2.0))
     settings: dict[str, Any] = {"release_grace": 0.0, "maintain_interval": 3600.0, **config}
@@ -102,7 +107,8 @@ def start_agent(
     )
     made.append((agent, client))
     agent.start(wait=True)
-    wait_for("the WatchNode stream", lambda: agent.follower and agent.follower.connected(), 5)
+    if stream:
+        wait_for("the WatchNode stream", lambda: agent.follower and agent.follower.connected(), 5)
     return agent
 
 
@@ -194,6 +200,65 @@ def test_the_safety_net_is_one_snapshot_on_the_stream(
     assert calls["WatchNode"] >= 2, calls
     assert calls["ListPools"] == calls["ListNodeBlocks"] == calls["ReportNode"] == 0, calls
     assert agent.follower is not None and agent.follower.snapshots >= snapshots + 2
+
+
+def test_coild_starts_from_the_streams_first_snapshot(
+    store: EtcdStore, etcd_prefix: str, replicas: list[Replica], agents: list[Any]
+) -> None:
+    """A (re)starting coild makes two calls: a report for its lease and one WatchNode stream,
+    whose first snapshot (every pool, the node's blocks and records) is the state it starts
+    from. It lists nothing, and what it handed out before it restarted stays taken."""
+    replicas.append(Replica(store, etcd_prefix))
+    r = replicas[0]
+    r.allocator.create_pool("default", ["10.42.0.0/24"], 3)
+    target = f"127.0.0.1:{r.port}"
+    first = start_agent(agents, target)
+    given = {first.allocate(pod(f"p{i}"))[0].address for i in range(3)}
+    blocks = {b.cidr for b in first.state.blocks}
+    first.stop()
+    before = Counter(r.calls)
+    second = start_agent(agents, target)
+    calls = r.calls - before
+    # (A stream is counted when it ends: this one is still open.)
+    assert calls["ReportNode"] == 1 and calls["ListPools"] == calls["ListNodeBlocks"] == 0, calls
+    assert second.follower is not None
+    assert second.follower.streams == second.follower.snapshots == 1
+    assert r.view.subscribers() == 1
+    assert second.pools() == ["default"]
+    assert {b.cidr for b in second.state.blocks} == blocks
+    # The same pod's ADD again gets its own address back; a new pod never one of the three.
+    assert second.allocate(pod("p0"))[0].address in given
+    assert second.allocate(pod("new"))[0].address not in given
+
+
+def test_without_a_stream_coild_starts_from_a_listing(
+    store: EtcdStore,
+    etcd_prefix: str,
+    replicas: list[Replica],
+    agents: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the allocator serves no stream (here: it refuses every watcher), a starting coild
+    does not wait for a snapshot for ever: after START_SNAPSHOT_WAIT it lists the pools and its
+    blocks and records, becomes ready, and what it handed out before stays taken."""
+    import coild.agent
+
+    monkeypatch.setattr(coild.agent, "START_SNAPSHOT_WAIT", 1.0)
+    replicas.append(Replica(store, etcd_prefix))
+    r = replicas[0]
+    r.allocator.create_pool("default", ["10.42.0.0/24"], 3)
+    first = start_agent(agents, f"127.0.0.1:{r.port}")
+    given = first.allocate(pod("p0"))[0].address
+    first.stop()
+    r.kill()
+    refusing = Replica(store, etcd_prefix, max_watchers=0)
+    replicas.append(refusing)
+    started = time.monotonic()
+    second = start_agent(agents, f"127.0.0.1:{refusing.port}", stream=False)
+    assert time.monotonic() - started < 10
+    assert refusing.calls["ListPools"] >= 1 and refusing.calls["ListNodeBlocks"] >= 1
+    assert second.allocate(pod("p0"))[0].address == given
+    assert second.allocate(pod("new"))[0].address != given
 
 
 def test_the_stream_survives_its_replica_and_resumes_on_the_other(

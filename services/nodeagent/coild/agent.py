@@ -88,6 +88,9 @@ POLL_REPORT = 30.0
 POLL_RECONCILE = 60.0
 """The intervals of the polling design, used while coild does not follow WatchNode."""
 
+START_SNAPSHOT_WAIT = 15.0
+"""Seconds a starting coild waits for the stream's first snapshot before it lists instead."""
+
 FOLLOW_GRACE = 5.0
 """Seconds without a WatchNode stream after which the allocator counts as unreachable."""
 
@@ -225,6 +228,10 @@ class NodeAgent:
         self._own_releases: dict[tuple[str, str, Address], float] = {}
         self._reported: tuple[frozenset[Network], int] | None = None
         self._report_due = threading.Event()
+        # Set once memory holds the node's state (from a listing or the stream's first
+        # snapshot); a snapshot after that is reconciled, never installed.
+        self._rebuilt = threading.Event()
+        self._start_lock = threading.Lock()
 
     @property
     def allocator_ok(self) -> bool:
@@ -276,13 +283,10 @@ class NodeAgent:
         delay = 0.2
         while not self._stop.is_set() and not self.ready.is_set():
             try:
-                self.rebuild()
-                # The first report (the node's lease) before ready: a ready coild is alive.
-                try:
-                    self.report()
-                except NodeAgentError as e:
-                    self._report_due.set()
-                    log.warning("report: %s", e)
+                if self.config.watch:
+                    self._start_following()
+                else:
+                    self._start_polling()
                 self.ready.set()
             except NodeAgentError as e:
                 log.warning("start: cannot rebuild state yet: %s", e)
@@ -298,16 +302,6 @@ class NodeAgent:
             return
         last_maintain = last_report = last_reconcile = self._clock()
         last_routes = self._clock()
-        if self.config.watch:
-            self.follower = NodeFollower(
-                self.allocator,
-                self.config.node,
-                self.apply,
-                lambda: self._lease_id,
-                self._lease_lost,
-                self._opening,
-            )
-            self.follower.start()
         while not self._stop.is_set():
             self._routes_dirty.wait(timeout=self.config.maintain_interval)
             if self._stop.is_set():
@@ -354,6 +348,46 @@ class NodeAgent:
                 else:
                     last_reconcile = now
 
+    def _start_polling(self) -> None:
+        """Start without a stream: state from a pool list and a listing of the node's blocks and
+        records, then the first report (the node's lease: a ready coild is alive)."""
+        self.rebuild()
+        try:
+            self.report()
+        except NodeAgentError as e:
+            self._report_due.set()
+            log.warning("report: %s", e)
+
+    def _start_following(self) -> None:
+        """Start on the stream: the first report (the node's lease, which the stream then keeps
+        alive), then the stream's first snapshot (every pool, this node's blocks and records at
+        one revision) is the state coild starts from. Two calls, where a listing start makes
+        four and the stream's snapshot then repeats the listing's reads.
+
+        When no snapshot comes within START_SNAPSHOT_WAIT seconds (an allocator without
+        WatchNode, streams refused), state comes from a listing as without a stream; the
+        follower carries on and reconciles its snapshot when it comes. Raises NodeAgentError
+        when the report or the listing fails (the start is retried)."""
+        self.report()
+        if self.follower is None:
+            self.follower = NodeFollower(
+                self.allocator,
+                self.config.node,
+                self.apply,
+                lambda: self._lease_id,
+                self._lease_lost,
+                self._opening,
+            )
+            self.follower.start()
+        follower = self.follower
+        deadline = time.monotonic() + START_SNAPSHOT_WAIT
+        while not self._rebuilt.is_set() and not follower.unsupported:
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                break
+            self._rebuilt.wait(0.1)
+        if not self._rebuilt.is_set():
+            self.rebuild()
+
     def _sync_routes_now(self) -> None:
         self._routes_dirty.clear()
         self.sync_routes()
@@ -390,7 +424,8 @@ class NodeAgent:
     def apply(self, change: NodeChange) -> None:
         """Take in a change the allocator pushed (WatchNode).
 
-        Pools are replaced or removed at once. A snapshot is reconciled like a periodic listing,
+        Pools are replaced or removed at once. The first snapshot at start is the state coild
+        starts from (`_start_following`); a later one is reconciled like a periodic listing,
         judging only what existed when the stream was asked for. Otherwise only removals made
         elsewhere matter (coild knows its own claims and records): a released block is dropped
         if coild holds that very claim (same claim revision), and a removed record frees its
@@ -401,6 +436,9 @@ class NodeAgent:
         if change.snapshot:
             self._pools = {p.name: p for p in change.pools}
             self._pools_at = now
+            if not self._rebuilt.is_set():
+                self._install(change.blocks, change.records, "the stream's snapshot")
+                return
             blocks_before, attachments_before = self._before
             self._reconcile_with(
                 change.blocks, change.records, blocks_before, attachments_before, now
@@ -527,30 +565,45 @@ class NodeAgent:
             self._routes_dirty.set()
 
     def rebuild(self) -> None:
-        """Load this node's blocks and records from the allocator into memory; sync routes."""
+        """Load this node's blocks and records from a pool list and a listing into memory, and
+        sync routes (the start without a stream's snapshot)."""
         self._refresh_pools()
         listed = self.allocator.node_blocks(self.config.node)
-        blocks, records = listed.blocks, listed.records
-        state = NodeState()
-        now = self._clock()
-        by_block = _records_by_block(records)
-        for b in blocks:
-            self._load_block(state, b, by_block[(b.pool, b.cidr)], now)
-        for r in records:
-            key = (r.owner.container_id, r.owner.interface)
-            attachment = state.attachments.get(key)
-            if attachment is None:
-                attachment = Attachment(
-                    r.owner.container_id, r.owner.interface, r.owner.namespace, r.owner.pod
-                )
-                attachment.done.set()
-                state.attachments[key] = attachment
-            attachment.allocations.append(Allocation(r.address, r.pool, r.block))
-        with self._lock:
-            self.state = state
+        self._install(listed.blocks, listed.records, "a listing")
+
+    def _install(
+        self, blocks: Sequence[HeldBlock], records: Sequence[AllocationRecord], source: str
+    ) -> None:
+        """Start from `blocks` and `records` (a listing, or the first snapshot of the stream):
+        memory is replaced by them, once; whichever of the two comes second is ignored (both
+        come before coild is ready, so before it hands out anything). Syncs routes."""
+        with self._start_lock:
+            if self._rebuilt.is_set():
+                return
+            state = NodeState()
+            now = self._clock()
+            by_block = _records_by_block(records)
+            for b in blocks:
+                self._load_block(state, b, by_block[(b.pool, b.cidr)], now)
+            for r in records:
+                key = (r.owner.container_id, r.owner.interface)
+                attachment = state.attachments.get(key)
+                if attachment is None:
+                    attachment = Attachment(
+                        r.owner.container_id, r.owner.interface, r.owner.namespace, r.owner.pod
+                    )
+                    attachment.done.set()
+                    state.attachments[key] = attachment
+                attachment.allocations.append(Allocation(r.address, r.pool, r.block))
+            with self._lock:
+                self.state = state
+            self._rebuilt.set()
         self.allocator_ok = True
         log.info(
-            "rebuilt state: %d blocks, %d attachments", len(state.blocks), len(state.attachments)
+            "rebuilt state from %s: %d blocks, %d attachments",
+            source,
+            len(state.blocks),
+            len(state.attachments),
         )
         self.sync_routes()
 
