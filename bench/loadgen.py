@@ -59,6 +59,10 @@ class Stats:
     done_del: set[tuple[str, str]] = field(default_factory=set)
     seen_put: set[tuple[str, str]] = field(default_factory=set)
     seen_del: set[tuple[str, str]] = field(default_factory=set)
+    # the probe (quiet section): when each node's stream brought the probe pool, and each
+    # removed record ("node/container"), in wall-clock seconds
+    pool_seen: dict[str, float] = field(default_factory=dict)
+    freed_seen: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,10 +148,12 @@ async def list_blocks(node: Node, stats: Stats) -> bool:
     return r is not None
 
 
-async def watch(node: Node, stats: Stats, stop: asyncio.Event, resync: float = 0.0) -> None:
+async def watch(
+    node: Node, stats: Stats, stop: asyncio.Event, resync: float = 0.0, probe: str = ""
+) -> None:
     """One WatchNode stream, resumed on the other replica whenever it breaks; with `resync`,
     ended and opened afresh from a snapshot that often (coild's safety net), first at a random
-    phase."""
+    phase. Notes when the stream first brings the pool named `probe`, and every record removal."""
     delay = 0.2
     loop = asyncio.get_running_loop()
     next_resync = loop.time() + random.uniform(0, resync) if resync > 0 else 0.0
@@ -180,6 +186,10 @@ async def watch(node: Node, stats: Stats, stop: asyncio.Event, resync: float = 0
                     stats.seen_put.add((node.name, r.owner.container_id))
                 for r in message.released_records:
                     stats.seen_del.add((node.name, r.owner.container_id))
+                    stats.freed_seen.setdefault(f"{node.name}/{r.owner.container_id}", time.time())
+                seen = node.name in stats.pool_seen
+                if probe and not seen and any(p.name == probe for p in message.pools):
+                    stats.pool_seen[node.name] = time.time()
                 node.revision = message.revision
                 if message.lease_lost:
                     node.lease = 0
@@ -358,7 +368,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(random.uniform(delay / 2, delay))
                     delay = min(delay * 2, 5.0)
                 n.pools_ok = True
-                await watch(n, stats, stop, args.resync)
+                await watch(n, stats, stop, args.resync, args.probe_pool)
 
             tasks.append(asyncio.create_task(start_watch()))
             if args.safety > 0:
@@ -428,6 +438,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "resyncs": stats.resyncs,
         "stream_messages": stats.messages,
     }
+    if args.probe_pool:
+        out["probe"] = {
+            "pool_seen": sorted(stats.pool_seen.values()),
+            "freed_seen": stats.freed_seen,
+        }
     if args.churn > 0:
         watched = {n.name for n in nodes[: args.churn_nodes]}
         out["churn"] = {
@@ -458,6 +473,11 @@ def main() -> int:
     p.add_argument("--churn-nodes", type=int, default=1000)
     p.add_argument("--lifetime", type=float, default=10.0, help="seconds a churned pod lives")
     p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument(
+        "--probe-pool",
+        default="",
+        help="watch: note when each stream brings this pool (and every record removal)",
+    )
     p.add_argument(
         "--start-timeout",
         type=float,

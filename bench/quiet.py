@@ -33,7 +33,11 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from bench.common import Lab, create_pool, lab, metric_sum, pick, rss_kb, scrape
+from coil.v1 import allocator_pb2 as apb
+from coil.v1 import allocator_pb2_grpc as apb_grpc
 from coil_allocator.allocator import Allocator
 from coil_allocator.etcd_store import EtcdConfig, EtcdStore
 from coil_core.errors import AlreadyExists
@@ -51,6 +55,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # Compaction for the churn run: often enough to show a flat database within the run.
 START_TIMEOUT = float(pick("300", "60"))
 CHURN_COMPACTION = ["--compaction-interval", "15", "--compaction-retention", "60"]
+PROBE_FREES = 100
+"""Records an operator frees (`address free`) after a watch run's window, on as many nodes."""
+PROBE_WAIT = 10.0
+"""Seconds the probe's changes have to reach the simulated nodes before they stop."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -210,6 +218,59 @@ def _forget(the_lab: Lab, node: str) -> None:
         store.close()
 
 
+def _probe_pool(nodes: int) -> tuple[str, str]:
+    """The pool the probe creates after a run of `nodes` (name, subnet): one of its own per run."""
+    return f"probe-{nodes}", f"100.{64 + nodes // 1000 % 64}.0.0/16"
+
+
+def _probe_records(nodes: int) -> list[tuple[str, str]]:
+    """("node/container", address) of the records the probe frees: PROBE_FREES of the run's
+    nodes, spread over them, a different set for each run size (a later run still has its own)."""
+    import ipaddress
+
+    subnet = ipaddress.ip_network(POOL_SUBNET)
+    step, offset = max(1, nodes // PROBE_FREES), nodes // 1000
+    out = []
+    for k in range(min(PROBE_FREES, nodes)):
+        i = k * step + offset
+        if i >= nodes:
+            break
+        name = f"{PREFIX}{i:05d}"
+        address = subnet.network_address + (i + 1) * 2**BLOCK_BITS + 1  # its record "-c0"
+        out.append((f"{name}/{name}-c0", str(address)))
+    return out
+
+
+def probe(allocator: str, nodes: int) -> tuple[float, dict[str, float]]:
+    """What an operator does while every node watches: a new pool, then `address free` of
+    PROBE_FREES records. Returns when the pool was asked for and when each free was (wall
+    clock, as the load generator notes arrivals)."""
+    name, subnet = _probe_pool(nodes)
+    asked = time.time()
+    create_pool(allocator, name, subnet, BLOCK_BITS)
+    freed: dict[str, float] = {}
+    with grpc.insecure_channel(allocator) as ch:
+        stub = apb_grpc.AllocatorServiceStub(ch)
+        for key, address in _probe_records(nodes):
+            freed[key] = time.time()
+            stub.FreeAddress(apb.FreeAddressRequest(address=address), timeout=10)
+    return asked, freed
+
+
+def reached(asked: float, seen: list[float], expected: int) -> dict[str, Any]:
+    """How long `expected` arrivals took after `asked`: count, p50, p99 and max seconds."""
+    delays = sorted(t - asked for t in seen)
+    if not delays:
+        return {"expected": expected, "reached": 0}
+    return {
+        "expected": expected,
+        "reached": len(delays),
+        "p50_s": round(delays[len(delays) // 2], 3),
+        "p99_s": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))], 3),
+        "max_s": round(delays[-1], 3),
+    }
+
+
 def measure(
     the_lab: Lab,
     allocators: list[tuple[Proc, str, int]],
@@ -243,6 +304,7 @@ def measure(
             # START_TIMEOUT s after the ramp (the start storm is reported on its own).
             "--start-timeout",
             str(START_TIMEOUT),
+            *(["--probe-pool", _probe_pool(nodes)[0]] if mode == "watch" else []),
             *loadgen_args,
         ],
         stdin=subprocess.PIPE,
@@ -277,6 +339,12 @@ def measure(
         gen_cpu1 = cpu_seconds(gen.pid)
         rpcs1 = rpc_counts(ports)
         etcd1 = etcd_figures(the_lab)
+        asked, freed = 0.0, {}
+        if mode == "watch":
+            # After the window (its writes are not the quiet state's): does an operator's
+            # change reach every node in time?
+            asked, freed = probe(allocators[0][1], nodes)
+            time.sleep(PROBE_WAIT)
         gen.stdin.close()
         result = json.loads(gen.stdout.read().strip().splitlines()[-1])
     finally:
@@ -312,12 +380,21 @@ def measure(
         "latency": result["latency"],
         "snapshots": result["snapshots"],
     }
+    if "probe" in result:
+        seen = result["probe"]["freed_seen"]
+        out["pool_change"] = reached(asked, result["probe"]["pool_seen"], nodes)
+        out["address_free"] = reached(
+            0.0, [seen[k] - t for k, t in freed.items() if k in seen], len(freed)
+        )
     log(
         f"  {mode} {nodes:>6} nodes: allocators {out['allocator_cores']} + etcd "
         f"{out['etcd_cores']} cores, {sum(out['rpcs_per_s'].values()):.0f} RPC/s, etcd "
         f"{out['etcd_requests_per_s']} req/s, {out['revisions_per_min']} rev/min, "
         f"not ready {out['not_ready_at_end']}, errors {out['errors']}"
     )
+    for what in ("pool_change", "address_free"):
+        if what in out:
+            log(f"  {mode} {nodes:>6} nodes: {what.replace('_', ' ')} reached {out[what]}")
     return out
 
 

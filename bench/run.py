@@ -186,6 +186,23 @@ def targets(r: dict[str, Any]) -> list[Target]:
                         "/min",
                     )
                 )
+            for what, label, limit in (
+                ("pool_change", "a new pool reached every coild", 2),
+                ("address_free", "an operator's address free reached its coild", 5),
+            ):
+                got = run.get(what)
+                if got is not None:
+                    # Every arrival counts: one that never came fails the target.
+                    complete = got["reached"] == got["expected"]
+                    out.append(
+                        Target(
+                            "quiet",
+                            f"quiet cluster, {run['nodes']} nodes: {label} (slowest)",
+                            got.get("max_s") if complete else None,
+                            limit,
+                            "s",
+                        )
+                    )
             if run["mode"] == "watch" and run["nodes"] == 20000:
                 out.append(
                     Target(
@@ -538,6 +555,29 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
                 run["errors"] or "",
             )
         )
+    probed = [r for r in quiet_runs.get("runs", []) if "pool_change" in r]
+    if probed:
+        lines += [
+            "",
+            f"After each watch run's window, an operator's changes (a new pool, then `address "
+            f"free` of {probed[0]['address_free']['expected']} records on as many nodes), and "
+            "when the simulated nodes' streams brought them (seconds after each was asked for):",
+            "",
+            *header("nodes", "change", "reached", "p50", "p99", "slowest"),
+        ]
+        for run in probed:
+            for what, label in (("pool_change", "new pool"), ("address_free", "address free")):
+                got = run[what]
+                lines.append(
+                    row(
+                        run["nodes"],
+                        label,
+                        f"{got['reached']} of {got['expected']}",
+                        got.get("p50_s", "-"),
+                        got.get("p99_s", "-"),
+                        got.get("max_s", "-"),
+                    )
+                )
     by = {(r["mode"], r["nodes"]): r for r in quiet_runs.get("runs", [])}
     for nodes in sorted({n for _, n in by}):
         watch, poll = by.get(("watch", nodes)), by.get(("poll", nodes))

@@ -142,6 +142,13 @@ class Nodes(Part):
         Raises InvalidArgument (bad node name, a token not of this node's listing),
         FailedPrecondition (etcd compacted the token's revision: list again from the start).
         """
+        blocks, records, rev, token, _ = self._listing(node, with_records, page_size, page_token)
+        return blocks, records, rev, token
+
+    def _listing(
+        self, node: str, with_records: bool, page_size: int, page_token: str
+    ) -> tuple[list[HeldBlock], list[AllocationRecord], int, str, dict[str, Pool]]:
+        """`node_blocks_page`, and every pool read at the same revision (by name)."""
         op = "node blocks"
         validate_node_name(node, op)
         pinned, start = _parse_page_token(page_token, node, op) if page_token else (0, 0)
@@ -198,15 +205,14 @@ class Nodes(Part):
         if not paged:
             records.sort(key=lambda r: (r.created_at, int(r.address)))
         more = paged and end < seen
-        return blocks, records, rev, _page_token(rev, end, node) if more else ""
+        return blocks, records, rev, _page_token(rev, end, node) if more else "", pools
 
     def node_snapshot(
         self, node: str
     ) -> tuple[list[Pool], list[HeldBlock], list[AllocationRecord], int]:
         """Every pool, and the node's blocks and records, all read at one revision (WatchNode's
         snapshot)."""
-        blocks, records, revision = self.node_blocks(node, with_records=True)
-        pools, _ = self._pools(revision)
+        blocks, records, revision, _, pools = self._listing(node, True, 0, "")
         return [pools[n] for n in sorted(pools)], blocks, records, revision
 
     def release_node(self, node: str, force: bool = False) -> tuple[list[HeldBlock], int]:
