@@ -287,6 +287,8 @@ class NodeAgent:
                     self._start_following()
                 else:
                     self._start_polling()
+                if self._stop.is_set():
+                    return
                 self.ready.set()
             except NodeAgentError as e:
                 log.warning("start: cannot rebuild state yet: %s", e)
@@ -385,7 +387,7 @@ class NodeAgent:
             if self._stop.is_set() or time.monotonic() >= deadline:
                 break
             self._rebuilt.wait(0.1)
-        if not self._rebuilt.is_set():
+        if not self._rebuilt.is_set() and not self._stop.is_set():
             self.rebuild()
 
     def _sync_routes_now(self) -> None:
