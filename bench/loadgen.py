@@ -388,19 +388,32 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         periodic(args.report, stop, lambda n=node: report(n, stats))
                     )
                 )
-    # Tell the parent when every node is up (or `--start-timeout` after the ramp), so that it
-    # measures the quiet state, not the start.
-    await asyncio.sleep(args.ramp)
 
+    # Tell the parent when every node is up (or `--start-timeout` after the ramp), so that it
+    # measures the quiet state, not the start; and when half, 90% and 99% of them were.
     def up() -> int:
         return sum(1 for n in nodes if (n.stream_up if args.mode == "watch" else n.pools_ok))
 
-    waited = 0.0
-    while up() < len(nodes) and waited < args.start_timeout:
+    shares = (0.5, 0.9, 0.99, 1.0)
+    up_at: dict[str, float] = {}
+    give_up = started + args.ramp + args.start_timeout
+    while time.monotonic() < give_up:
+        count = up()
+        for share in shares:
+            if f"{share:.0%}" not in up_at and count >= share * len(nodes):
+                up_at[f"{share:.0%}"] = round(time.monotonic() - started, 1)
+        if count == len(nodes):
+            break
         await asyncio.sleep(1.0)
-        waited += 1.0
     print(
-        json.dumps({"ramped": True, "up": up(), "start_s": round(time.monotonic() - started, 1)}),
+        json.dumps(
+            {
+                "ramped": True,
+                "up": up(),
+                "start_s": round(time.monotonic() - started, 1),
+                "up_at": up_at,
+            }
+        ),
         flush=True,
     )
     churner = None

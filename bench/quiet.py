@@ -321,7 +321,7 @@ def measure(
         started = json.loads(line)
         log(
             f"  {mode} {nodes:>6} nodes: {started['up']} up {started['start_s']} s after the "
-            f"first started (over a {ramp:.0f} s ramp)"
+            f"first started (over a {ramp:.0f} s ramp; up at {started.get('up_at')})"
         )
         time.sleep(5)  # let the last starts' calls settle
         pids = [p.popen.pid for p, _, _ in allocators]
@@ -375,6 +375,7 @@ def measure(
         "allocator_rss_mb": [round(rss_kb(pid)["VmRSS"] / 1024) for pid in pids],
         "up_before_window": started["up"],
         "start_s": started["start_s"],
+        "up_at": started.get("up_at", {}),
         "not_ready_at_end": result["not_ready_at_end"],
         "errors": result["errors"],
         "latency": result["latency"],

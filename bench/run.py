@@ -531,7 +531,7 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
             "etcd requests/s",
             "revisions/min",
             "DB growth MB/day",
-            "up when measured (start s)",
+            "up when measured (start s; when half, 90% and 99% were up)",
             "not ready",
             "allocator RSS (MB)",
             "errors",
@@ -549,7 +549,9 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
                 run["etcd_requests_per_s"],
                 run["revisions_per_min"],
                 run["db_growth_mb_per_day"],
-                f"{run.get('up_before_window', '-')} ({run.get('start_s', '-')})",
+                f"{run.get('up_before_window', '-')} ({run.get('start_s', '-')}"
+                + "".join(f"; {k} at {v}" for k, v in run.get("up_at", {}).items() if k != "100%")
+                + ")",
                 run["not_ready_at_end"],
                 " / ".join(str(m) for m in run.get("allocator_rss_mb", [])),
                 run["errors"] or "",
