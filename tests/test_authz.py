@@ -474,6 +474,41 @@ def test_a_node_cannot_keep_another_nodes_lease_alive(
     assert [kv.lease for kv in kvs] == [node1.lease_id]
 
 
+def test_a_node_cannot_keep_another_nodes_lease_alive_by_watching(
+    allocator: Allocator, etcd_server: EtcdServer
+) -> None:
+    with allocator.channel("root") as ch:
+        node2 = apb_grpc.AllocatorServiceStub(ch).ReportNode(
+            apb.ReportNodeRequest(node="node-2", routes=[], table=119), timeout=10
+        )
+    with allocator.channel("node-1-self") as ch:
+        stub = apb_grpc.AllocatorServiceStub(ch)
+        node1 = stub.ReportNode(apb.ReportNodeRequest(node="node-1", table=119), timeout=10)
+        time.sleep(2.5)
+        left = lease_ttl(etcd_server, node2.lease_id)
+        assert 0 < left <= node2.ttl - 2
+        # node-1, with its own certificate, watches itself but names node-2's lease: told
+        # lease_lost at once, as for a dead lease, and the stream ends.
+        stream = stub.WatchNode(
+            apb.WatchNodeRequest(node="node-1", lease_id=node2.lease_id), timeout=10
+        )
+        answers = list(stream)
+        assert [a.lease_lost for a in answers] == [True]
+        # node-2's lease was not refreshed, and nobody keeps it alive: it runs out.
+        assert lease_ttl(etcd_server, node2.lease_id) <= left
+        time.sleep(1.5)
+        assert lease_ttl(etcd_server, node2.lease_id) <= left - 1
+        # With its own lease, node-1's stream is served.
+        own = stub.WatchNode(
+            apb.WatchNodeRequest(node="node-1", lease_id=node1.lease_id), timeout=10
+        )
+        first = next(own)
+        assert first.snapshot and not first.lease_lost
+        own.cancel()
+    log = allocator.proc.log.read_text()
+    assert f'watch node "node-1": lease {node2.lease_id} is not the one' in log
+
+
 # -- coild's NodeAgentService -------------------------------------------------------------------
 
 

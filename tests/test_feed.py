@@ -1,5 +1,6 @@
 """A node's feed (what WatchNode streams) on a real etcd: snapshot then changes, resume without a
-snapshot, the node's lease kept alive while it follows, and `lease_lost` when its alive key goes."""
+snapshot, the node's lease kept alive while it follows (only its own: not another node's), and
+`lease_lost` when its alive key goes."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def feed(store: EtcdStore, etcd_prefix: str, short_lived: Allocator) -> Iterator
     view = ClusterView(store, Keys(etcd_prefix))
     view.start(wait=5)
     try:
-        yield NodeFeed(view, store, short_lived.nodes.node_snapshot, TTL)
+        yield NodeFeed(
+            view, store, short_lived.nodes.node_snapshot, TTL, short_lived.nodes.alive_lease
+        )
     finally:
         view.stop()
 
@@ -191,3 +194,79 @@ def test_a_report_writes_only_what_changed(allocator: Allocator, store: EtcdStor
     assert fresh != lease
     alive = store.get(allocator.keys.node_alive("node-a"))
     assert alive is not None and alive.lease == fresh
+
+
+@pytest.mark.parametrize("a_follows", [False, True], ids=["a-away", "a-following-here"])
+def test_a_node_cannot_keep_another_nodes_lease_alive_by_following(
+    short_lived: Allocator,
+    feed: NodeFeed,
+    store: EtcdStore,
+    a_follows: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = short_lived
+    la, _ = a.report_node("node-a", 0, [], 119)
+    lb, _ = a.report_node("node-b", 0, [], 119)
+    assert lb != la
+    if a_follows:
+        # This replica keeps node-a's lease alive already, for node-a's own stream.
+        ra = Reader(feed.follow("node-a", 0, la))
+        ra.wait(lambda m: len(m) == 1)
+        ra.close()
+    gone_at = time.monotonic()  # from now on nobody honest keeps node-a's lease alive
+    # node-b names node-a's lease, again each time it is told lease_lost, for longer than
+    # node-a's lease may live on by itself (what is left of its TTL, and the linger).
+    refused = 0
+    while store.get(a.keys.node_alive("node-a")) is not None:
+        assert time.monotonic() - gone_at < TTL + feed._linger + 5, "node-a stays alive"
+        rb = Reader(feed.follow("node-b", 0, la))
+        try:
+            (msg,) = rb.wait(lambda m: len(m) >= 1)
+            assert msg.lease_lost and rb.done.wait(2), msg
+        finally:
+            rb.close()
+        refused += 1
+        time.sleep(0.2)
+    assert refused >= 1
+    assert not store.lease_held(la)  # node-b's streams did not take it over
+    assert any(
+        'watch node "node-b"' in r.getMessage() and str(la) in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_fresh_lease_is_taken_even_before_the_view_has_seen_it(
+    store: EtcdStore, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two replicas on one etcd whose views are stopped: neither sees a report it did not
+    # answer itself, as a view just behind it would (its watch catches up in milliseconds).
+    replicas = []
+    for _ in range(2):
+        view = ClusterView(store, Keys(etcd_prefix))
+        view.start(wait=5)
+        view.stop()
+        assert view.current
+        a = Allocator(store, etcd_prefix, view=view, node_ttl=TTL)
+        replicas.append((a, NodeFeed(view, store, a.nodes.node_snapshot, TTL, a.nodes.alive_lease)))
+    (one, feed_one), (_, feed_two) = replicas
+    reads: list[str] = []
+    get = store.get
+
+    def counted(key: str):  # type: ignore[no-untyped-def]
+        if key.endswith("/alive"):
+            reads.append(key)
+        return get(key)
+
+    monkeypatch.setattr(store, "get", counted)
+    for node, feed in (("node-a", feed_one), ("node-c", feed_two)):
+        # The node reports to replica one and at once follows, with its new lease, on replica
+        # one (it wrote the alive key: it knows without reading) or two (one read of the key).
+        lease, _ = one.report_node(node, 0, [], 119)
+        r = Reader(feed.follow(node, 0, lease))
+        try:
+            (snap,) = r.wait(lambda m: len(m) == 1)
+            assert snap.snapshot and not snap.lease_lost
+            assert store.lease_held(lease)  # kept alive while it follows
+        finally:
+            r.close()
+    assert reads == [one.keys.node_alive("node-c")]

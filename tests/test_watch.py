@@ -296,6 +296,39 @@ def test_the_stream_survives_its_replica_and_resumes_on_the_other(
     assert store.keep_alive(lease) > 0
 
 
+def test_a_fresh_lease_is_followed_at_once_on_either_replica(
+    store: EtcdStore, etcd_prefix: str, replicas: list[Replica]
+) -> None:
+    import grpc
+
+    from coil.v1 import allocator_pb2 as apb
+    from coil.v1 import allocator_pb2_grpc as apb_grpc
+
+    a, b = Replica(store, etcd_prefix), Replica(store, etcd_prefix)
+    replicas += [a, b]
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{a.port}") as ca,
+        grpc.insecure_channel(f"127.0.0.1:{b.port}") as cb,
+    ):
+        on = {
+            "a": (a, apb_grpc.AllocatorServiceStub(ca)),
+            "b": (b, apb_grpc.AllocatorServiceStub(cb)),
+        }
+        for i, there in enumerate("ababab"):
+            # A node reports to replica a (a new lease, on its alive key) and follows with
+            # it at once, on a or on b (whose view may not have seen the report yet).
+            node = f"fresh-{i}"
+            lease = on["a"][1].ReportNode(apb.ReportNodeRequest(node=node, table=119), timeout=5)
+            replica, stub = on[there]
+            stream = stub.WatchNode(
+                apb.WatchNodeRequest(node=node, lease_id=lease.lease_id), timeout=10
+            )
+            first = next(stream)
+            assert first.snapshot and not first.lease_lost, (node, there)
+            assert replica.store.lease_held(lease.lease_id), (node, there)
+            stream.cancel()
+
+
 def test_a_compacted_revision_forces_one_clean_snapshot(
     store: EtcdStore, etcd_prefix: str, replicas: list[Replica], agents: list[Any]
 ) -> None:

@@ -7,10 +7,16 @@ older than the view's history) a snapshot first: every pool, the node's blocks a
 at one revision, then the changes after that revision. When the view itself had to list afresh,
 its followers get a new snapshot the same way. A follower whose alive key goes (the lease
 expired, or an operator released the node) is told `lease_lost` and the stream ends.
+
+Only the lease the node's own alive key lives on is kept alive, as ReportNode refreshes only that
+one: lease IDs are sequential, and a node that named another's would keep that node looking alive
+(its blocks unreleasable) for ever. Any other lease is answered `lease_lost` at once, as a dead
+one, and is neither refreshed nor held.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -23,6 +29,8 @@ from coil_core.errors import Unavailable
 from coil_core.model import AllocationRecord, HeldBlock, NodeChange, Pool
 from coil_core.rules import validate_node_name
 
+log = logging.getLogger("coil.allocator.feed")
+
 LINGER = 2.0
 """Seconds a replica keeps a node's lease alive after its stream ended (at most a third of the
 TTL): long enough for coild's safety-net resync, which reopens at once, to find it still held."""
@@ -30,16 +38,26 @@ TTL): long enough for coild's safety-net resync, which reopens at once, to find 
 NodeSnapshot = Callable[[str], tuple[list[Pool], list[HeldBlock], list[AllocationRecord], int]]
 """Every pool and a node's blocks and records, read at one revision (and that revision)."""
 
+AliveLease = Callable[[str, int, ClusterView], int]
+"""The lease a node's alive key lives on (0: none), from the view when it says the lease named
+(the second argument), else read from etcd (`Nodes.alive_lease`)."""
+
 
 class NodeFeed:
     """Feeds for the nodes that follow this replica. Thread-safe."""
 
     def __init__(
-        self, view: ClusterView, store: Store, snapshot: NodeSnapshot, node_ttl: int
+        self,
+        view: ClusterView,
+        store: Store,
+        snapshot: NodeSnapshot,
+        node_ttl: int,
+        alive_lease: AliveLease,
     ) -> None:
         self.view = view
         self.store = store
         self._snapshot = snapshot
+        self._alive_lease = alive_lease
         self._node_ttl = node_ttl
         self._lock = threading.Lock()
         self._holders: Counter[int] = Counter()
@@ -58,13 +76,28 @@ class NodeFeed:
     # -- the node's lease ---------------------------------------------------------------------
 
     def hold(self, node: str, lease_id: int) -> bool:
-        """Keep `lease_id` alive while the node follows; False if it is not a live lease.
+        """Keep `lease_id` alive while the node follows; False if it is not the lease of the
+        node's alive key, or not a live lease. Raises Unavailable (etcd did not answer).
 
-        A lease this replica keeps alive already (another stream of the node, or one that
+        A lease that is not the node's is not touched (not refreshed, not held). When the
+        node's alive key lives on another lease, the refusal is logged: an honest agent names
+        the lease its last report gave it, so this is a node naming another's (or a stale
+        agent). A lease this replica keeps alive already (another stream of the node, or one that
         ended a moment ago: a safety-net resync) stays on its refresh schedule. A lease new to
         this replica is refreshed at once: when it was last refreshed is not known here (the
         replica that kept it alive may have died just before its refresh was due), and the
         answer says whether it still lives."""
+        on_key = self._alive_lease(node, lease_id, self.view)
+        if on_key != lease_id:
+            if on_key:
+                log.warning(
+                    'watch node "%s": lease %d is not the one the node\'s alive key lives on '
+                    "(%d); answered lease_lost, the lease not kept alive",
+                    node,
+                    lease_id,
+                    on_key,
+                )
+            return False
         with self._lock:
             if self._holders[lease_id] > 0 or self._lingering.pop(lease_id, None) is not None:
                 self._holders[lease_id] += 1

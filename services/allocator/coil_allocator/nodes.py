@@ -36,6 +36,7 @@ from coil_allocator.store import (
     unchanged,
     value_is,
 )
+from coil_allocator.view import ClusterView
 from coil_core.blocks import (
     Network,
 )
@@ -302,6 +303,35 @@ class Nodes(Part):
         )
         return blocks, removed
 
+    def _known_keys(self, view: ClusterView, node: str) -> tuple[int, bytes | None]:
+        """The lease of the node's `alive` key (0: none) and its `status` value (None: none),
+        from memory: the view's, or this replica's own last write when the view has not seen it
+        yet (the view catches up within milliseconds, but a caller must not wait)."""
+        on_key, status, seen_at = view.node_keys(node)
+        mine = self._written.get(node)
+        if mine is not None and mine[0] > seen_at:
+            _, on_key, status = mine
+        return on_key, status
+
+    def alive_lease(self, node: str, lease_id: int, view: ClusterView | None = None) -> int:
+        """The lease the node's `alive` key lives on (0: the node has none), as it bears on
+        `lease_id`, the lease the node's agent names.
+
+        Answered from memory (`view`, by default the replica's, and this replica's own last
+        write) when that says `lease_id`: the common case reads nothing from etcd. Otherwise
+        memory may only lag behind a report answered a moment ago (on another replica, or
+        while the view was behind), so the key is read from etcd, once: the lease of another
+        node, or a dead one, costs that one read. Without a current view, always that read.
+        Says nothing of whether the lease still lives. Raises Unavailable (the read).
+        """
+        view = view if view is not None else self._cluster_view
+        if view is not None and view.current:
+            on_key, _ = self._known_keys(view, node)
+            if on_key == lease_id:
+                return on_key
+        kv = self.store.get(self.keys.node_alive(node))
+        return kv.lease if kv is not None else 0
+
     def report_node(
         self, node: str, lease_id: int, routes: Sequence[str], table: int
     ) -> tuple[int, int]:
@@ -329,12 +359,7 @@ class Nodes(Part):
             else None
         )
         if view is not None:
-            on_key, status, seen_at = view.node_keys(node)
-            mine = self._written.get(node)
-            if mine is not None and mine[0] > seen_at:
-                # This replica wrote since the view last saw the node: its own write is newer
-                # (the view catches up within milliseconds, but a report must not wait).
-                _, on_key, status = mine
+            on_key, status = self._known_keys(view, node)
             if lease_id <= 0 and on_key > 0:
                 # A first report (a restarted coild, or a retry whose first answer was lost)
                 # while the node's alive key lives: carry on with that lease, write nothing.

@@ -132,6 +132,7 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
                     self.allocator.store,
                     self.allocator.nodes.node_snapshot,
                     self.allocator.node_ttl,
+                    self.allocator.nodes.alive_lease,
                 )
             return self._feed
 

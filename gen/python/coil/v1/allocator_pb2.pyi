@@ -1337,7 +1337,8 @@ class WatchNodeRequest(_message.Message):
     """
     lease_id: _builtins.int
     """The node's lease (from ReportNode). The replica serving the stream keeps it alive while
-    the stream is open, so the agent need not report to stay alive. 0: none.
+    the stream is open, so the agent need not report to stay alive. 0: none. Only the lease
+    the node's own alive key lives on is kept alive; any other is answered lease_lost.
     """
     def __init__(
         self,
