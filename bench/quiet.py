@@ -340,10 +340,15 @@ def measure(
         rpcs1 = rpc_counts(ports)
         etcd1 = etcd_figures(the_lab)
         asked, freed = 0.0, {}
+        probe_error = ""
         if mode == "watch":
             # After the window (its writes are not the quiet state's): does an operator's
             # change reach every node in time?
-            asked, freed = probe(allocators[0][1], nodes)
+            try:
+                asked, freed = probe(allocators[0][1], nodes)
+            except grpc.RpcError as e:
+                probe_error = f"{e.code().name}: {e.details()}"
+                log(f"  {mode} {nodes:>6} nodes: the probe's change failed: {probe_error}")
             time.sleep(PROBE_WAIT)
         gen.stdin.close()
         result = json.loads(gen.stdout.read().strip().splitlines()[-1])
@@ -381,7 +386,9 @@ def measure(
         "latency": result["latency"],
         "snapshots": result["snapshots"],
     }
-    if "probe" in result:
+    if probe_error:
+        out["probe_error"] = probe_error
+    elif "probe" in result:
         seen = result["probe"]["freed_seen"]
         out["pool_change"] = reached(asked, result["probe"]["pool_seen"], nodes)
         out["address_free"] = reached(

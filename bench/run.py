@@ -191,6 +191,8 @@ def targets(r: dict[str, Any]) -> list[Target]:
                 ("address_free", "an operator's address free reached its coild", 5),
             ):
                 got = run.get(what)
+                if got is None and run.get("probe_error"):
+                    got = {"reached": 0, "expected": 1}  # the change itself failed
                 if got is not None:
                     # Every arrival counts: one that never came fails the target.
                     complete = got["reached"] == got["expected"]

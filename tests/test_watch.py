@@ -44,13 +44,18 @@ class Replica:
     """One allocator replica: its own view and server over the shared etcd, counting RPCs."""
 
     def __init__(
-        self, shared: EtcdStore, prefix: str, port: int | None = None, max_watchers: int = 50
+        self,
+        shared: EtcdStore,
+        prefix: str,
+        port: int | None = None,
+        max_watchers: int = 50,
+        node_ttl: int = 180,
     ) -> None:
         # Its own connections to etcd, and so its own keep-alive stream.
         store = self.store = EtcdStore(shared._config)
         self.view = ClusterView(store, Keys(prefix))
         self.view.start(wait=5)
-        self.allocator = Allocator(store, prefix, view=self.view)
+        self.allocator = Allocator(store, prefix, view=self.view, node_ttl=node_ttl)
         self.port = port or free_port()
         self.calls: Counter[str] = Counter()
         self.dead = False
@@ -106,7 +111,8 @@ def start_agent(
         RecordingRoutes(),
     )
     made.append((agent, client))
-    agent.start(wait=True)
+    agent.start(wait=False)
+    assert agent.ready.wait(30), "coild did not become ready within 30 s"
     if stream:
         wait_for("the WatchNode stream", lambda: agent.follower and agent.follower.connected(), 5)
     return agent
@@ -257,8 +263,35 @@ def test_without_a_stream_coild_starts_from_a_listing(
     second = start_agent(agents, f"127.0.0.1:{refusing.port}", stream=False)
     assert time.monotonic() - started < 10
     assert refusing.calls["ListPools"] >= 1 and refusing.calls["ListNodeBlocks"] >= 1
+    # The attachment made before the restart came back with the listing (not only its address).
+    assert ("p0", "eth0") in second.state.attachments
     assert second.allocate(pod("p0"))[0].address == given
     assert second.allocate(pod("new"))[0].address != given
+
+
+def test_without_a_stream_the_lease_lives_by_reports(
+    store: EtcdStore, etcd_prefix: str, replicas: list[Replica], agents: list[Any]
+) -> None:
+    """An allocator that refuses every stream leaves coild following but never streaming: its
+    node must still look alive (reports at least every third of the lease's TTL), or a plain
+    `coilctl node release` would free the blocks its pods use."""
+    refusing = Replica(store, etcd_prefix, max_watchers=0, node_ttl=3)
+    replicas.append(refusing)
+    refusing.allocator.create_pool("default", ["10.42.0.0/24"], 3)
+    import coild.agent
+
+    wait, coild.agent.START_SNAPSHOT_WAIT = coild.agent.START_SNAPSHOT_WAIT, 0.5
+    try:
+        agent = start_agent(
+            agents, f"127.0.0.1:{refusing.port}", stream=False, maintain_interval=0.2
+        )
+    finally:
+        coild.agent.START_SNAPSHOT_WAIT = wait
+    agent.allocate(pod("p0"))
+    alive = refusing.allocator.keys.node_alive(NODE)
+    for _ in range(4):  # four TTLs
+        time.sleep(3)
+        assert store.get(alive) is not None, "the node's lease expired while coild ran"
 
 
 def test_the_stream_survives_its_replica_and_resumes_on_the_other(

@@ -232,6 +232,10 @@ class NodeAgent:
         # snapshot); a snapshot after that is reconciled, never installed.
         self._rebuilt = threading.Event()
         self._start_lock = threading.Lock()
+        # Whether the current stream was asked for before memory held the node's state: its
+        # first snapshot is installed, or (a listing came first) replaced by a fresh one.
+        self._opened_empty = False
+        self._lease_ttl = 0
 
     @property
     def allocator_ok(self) -> bool:
@@ -288,7 +292,7 @@ class NodeAgent:
                 else:
                     self._start_polling()
                 if self._stop.is_set():
-                    return
+                    break
                 self.ready.set()
             except NodeAgentError as e:
                 log.warning("start: cannot rebuild state yet: %s", e)
@@ -301,6 +305,10 @@ class NodeAgent:
                 self._stop.wait(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 5.0)
         if self._stop.is_set():
+            # Stopped while starting: a follower started meanwhile (after `stop` looked) ends
+            # here with the start.
+            if self.follower is not None:
+                self.follower.stop()
             return
         last_maintain = last_report = last_reconcile = self._clock()
         last_routes = self._clock()
@@ -318,6 +326,9 @@ class NodeAgent:
                 report_every = float("inf")
             else:
                 report_every = self.config.report_interval if following else POLL_REPORT
+                if self._lease_ttl > 0:
+                    # With no stream to carry it, the lease lives only by reports.
+                    report_every = min(report_every, self._lease_ttl / 3)
             reconcile_every = self.config.reconcile_interval if following else POLL_RECONCILE
             for due, name, task in (
                 (
@@ -368,9 +379,16 @@ class NodeAgent:
 
         When no snapshot comes within START_SNAPSHOT_WAIT seconds (an allocator without
         WatchNode, streams refused), state comes from a listing as without a stream; the
-        follower carries on and reconciles its snapshot when it comes. Raises NodeAgentError
-        when the report or the listing fails (the start is retried)."""
-        self.report()
+        follower carries on and takes a fresh snapshot to reconcile. A failed report is logged
+        and sent again when due (the stream then reopens with the new lease). Raises
+        NodeAgentError when the listing fails (the start is retried)."""
+        try:
+            self.report()
+        except NodeAgentError as e:
+            self._report_due.set()
+            log.warning("report: %s", e)
+        if self._stop.is_set():
+            return
         if self.follower is None:
             self.follower = NodeFollower(
                 self.allocator,
@@ -401,10 +419,13 @@ class NodeAgent:
         self._report_due.clear()
         with self._lock:
             routes = self.routes.current()
-        self._lease_id, _ = self.allocator.report_node(
+        before = self._lease_id
+        self._lease_id, self._lease_ttl = self.allocator.report_node(
             self.config.node, self._lease_id, sorted(str(r) for r in routes), self.config.table
         )
         self._reported = (frozenset(routes), self._lease_id)
+        if self._lease_id != before and self.follower is not None:
+            self.follower.lease_changed()  # the new lease rides on the stream from now on
 
     def _lease_lost(self) -> None:
         """The allocator says this node's lease is gone: report at once for a new one."""
@@ -422,6 +443,7 @@ class NodeAgent:
         """A WatchNode stream is about to be asked for: note what a snapshot may judge."""
         with self._lock:
             self._before = (list(self.state.blocks), list(self.state.committed()))
+            self._opened_empty = not self._rebuilt.is_set()
 
     def apply(self, change: NodeChange) -> None:
         """Take in a change the allocator pushed (WatchNode).
@@ -436,11 +458,22 @@ class NodeAgent:
         """
         now = self._clock()
         if change.snapshot:
+            with self._lock:
+                opened_empty, self._opened_empty = self._opened_empty, False
+            if opened_empty:
+                if self._install(
+                    change.pools, change.blocks, change.records, "the stream's snapshot"
+                ):
+                    return
+                # A listing was installed after this stream was asked for: the snapshot may be
+                # older than the listing, and nothing it could judge existed when its stream was
+                # asked for. Ask for a fresh one (the follower reopens from revision 0 at once).
+                log.info("a listing came before the stream's first snapshot: taking a fresh one")
+                if self.follower is not None:
+                    self.follower.resync()
+                return
             self._pools = {p.name: p for p in change.pools}
             self._pools_at = now
-            if not self._rebuilt.is_set():
-                self._install(change.blocks, change.records, "the stream's snapshot")
-                return
             blocks_before, attachments_before = self._before
             self._reconcile_with(
                 change.blocks, change.records, blocks_before, attachments_before, now
@@ -569,19 +602,24 @@ class NodeAgent:
     def rebuild(self) -> None:
         """Load this node's blocks and records from a pool list and a listing into memory, and
         sync routes (the start without a stream's snapshot)."""
-        self._refresh_pools()
+        pools = self._list_pools()
         listed = self.allocator.node_blocks(self.config.node)
-        self._install(listed.blocks, listed.records, "a listing")
+        self._install(pools, listed.blocks, listed.records, "a listing")
 
     def _install(
-        self, blocks: Sequence[HeldBlock], records: Sequence[AllocationRecord], source: str
-    ) -> None:
-        """Start from `blocks` and `records` (a listing, or the first snapshot of the stream):
-        memory is replaced by them, once; whichever of the two comes second is ignored (both
-        come before coild is ready, so before it hands out anything). Syncs routes."""
+        self,
+        pools: Sequence[Pool],
+        blocks: Sequence[HeldBlock],
+        records: Sequence[AllocationRecord],
+        source: str,
+    ) -> bool:
+        """Start from `pools`, `blocks` and `records` (a listing, or the first snapshot of the
+        stream): memory is replaced by them, once; False (nothing done) for whichever of the two
+        comes second (both come before coild is ready, so before it hands out anything). What
+        is installed is what a later snapshot on the same stream may judge. Syncs routes."""
         with self._start_lock:
             if self._rebuilt.is_set():
-                return
+                return False
             state = NodeState()
             now = self._clock()
             by_block = _records_by_block(records)
@@ -599,6 +637,9 @@ class NodeAgent:
                 attachment.allocations.append(Allocation(r.address, r.pool, r.block))
             with self._lock:
                 self.state = state
+                self._before = (list(state.blocks), list(state.committed()))
+            self._pools = {p.name: p for p in pools}
+            self._pools_at = now
             self._rebuilt.set()
         self.allocator_ok = True
         log.info(
@@ -608,6 +649,7 @@ class NodeAgent:
             len(state.attachments),
         )
         self.sync_routes()
+        return True
 
     def _load_block(
         self, state: NodeState, held: HeldBlock, records: Sequence[AllocationRecord], now: float
@@ -662,14 +704,19 @@ class NodeAgent:
     def _refresh_pools(self) -> None:
         """Read the pool list from the allocator (AllocatorUnavailable if it cannot)."""
         now = self._clock()
+        pools = self._list_pools()
+        self._pools = {p.name: p for p in pools}
+        self._pools_at = now
+
+    def _list_pools(self) -> list[Pool]:
+        """The allocator's pool list (AllocatorUnavailable if it cannot answer)."""
         try:
             pools = self.allocator.list_pools()
         except AllocatorUnavailable:
             self.allocator_ok = False
             raise
         self.allocator_ok = True
-        self._pools = {p.name: p for p in pools}
-        self._pools_at = now
+        return list(pools)
 
     def pool_for(self, namespace: str) -> Pool:
         """The pool named like the namespace if it exists, else "default"; else NoPool.

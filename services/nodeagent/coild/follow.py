@@ -71,6 +71,8 @@ class NodeFollower:
         self._down_since = clock()
         self._stop = threading.Event()
         self._resync = False
+        self._reopen = False
+        self._stream_lease = 0
         self._watch: NodeWatch | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -101,6 +103,17 @@ class NodeFollower:
             watch = self._watch
         watch.cancel()
         return True
+
+    def lease_changed(self) -> None:
+        """The agent's lease changed (a report got a new one): the open stream, which keeps the
+        old one alive, is ended and reopened at once with the new lease, resuming from its
+        revision. Nothing happens when no stream is open or it carries that lease already."""
+        with self._lock:
+            if self._watch is None or self._stream_lease == self._lease():
+                return
+            self._reopen = True
+            watch = self._watch
+        watch.cancel()
 
     def connected(self, grace: float = 0.0) -> bool:
         """Whether a stream is open (or was, less than `grace` seconds ago)."""
@@ -133,6 +146,9 @@ class NodeFollower:
             with self._lock:
                 if self._resync:
                     continue  # asked to start over: reopen at once, from a snapshot
+                if self._reopen:
+                    self._reopen = False
+                    continue  # a new lease to carry: reopen at once, resuming
             # Jittered: when a replica goes, every node it served reconnects at once; spread
             # over the delay, they do not arrive at the other replica in one burst.
             self._stop.wait(self._rng.uniform(delay / 2, delay))
@@ -147,7 +163,8 @@ class NodeFollower:
                 self._resync = False
                 self.revision = 0
             self._opening()
-            self._watch = self._client.watch_node(self.node, self.revision, self._lease())
+            self._stream_lease = self._lease()
+            self._watch = self._client.watch_node(self.node, self.revision, self._stream_lease)
             watch = self._watch
         self.streams += 1
         delivered = False
