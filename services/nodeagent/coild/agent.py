@@ -365,11 +365,7 @@ class NodeAgent:
         """Start without a stream: state from a pool list and a listing of the node's blocks and
         records, then the first report (the node's lease: a ready coild is alive)."""
         self.rebuild()
-        try:
-            self.report()
-        except NodeAgentError as e:
-            self._report_due.set()
-            log.warning("report: %s", e)
+        self._report_or_later()
 
     def _start_following(self) -> None:
         """Start on the stream: the first report (the node's lease, which the stream then keeps
@@ -382,11 +378,7 @@ class NodeAgent:
         follower carries on and takes a fresh snapshot to reconcile. A failed report is logged
         and sent again when due (the stream then reopens with the new lease). Raises
         NodeAgentError when the listing fails (the start is retried)."""
-        try:
-            self.report()
-        except NodeAgentError as e:
-            self._report_due.set()
-            log.warning("report: %s", e)
+        self._report_or_later()
         if self._stop.is_set():
             return
         if self.follower is None:
@@ -427,15 +419,19 @@ class NodeAgent:
         if self._lease_id != before and self.follower is not None:
             self.follower.lease_changed()  # the new lease rides on the stream from now on
 
-    def _lease_lost(self) -> None:
-        """The allocator says this node's lease is gone: report at once for a new one."""
-        log.warning("the allocator says this node's lease is gone; reporting again")
-        self._lease_id = 0
+    def _report_or_later(self) -> None:
+        """Report now; if that fails, log it and leave the report due for the maintain loop."""
         try:
             self.report()
         except NodeAgentError as e:
             self._report_due.set()
             log.warning("report: %s", e)
+
+    def _lease_lost(self) -> None:
+        """The allocator says this node's lease is gone: report at once for a new one."""
+        log.warning("the allocator says this node's lease is gone; reporting again")
+        self._lease_id = 0
+        self._report_or_later()
 
     # -- following the allocator ------------------------------------------------------------
 
