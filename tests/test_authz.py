@@ -451,10 +451,11 @@ def lease_ttl(etcd: EtcdServer, lease_id: int) -> int:
     return int(reply.TTL)
 
 
-def test_a_node_cannot_keep_another_nodes_lease_alive(
+def node2_lease_running_down(
     allocator: Allocator, etcd_server: EtcdServer
-) -> None:
-    # node-2's agent reports and gets its lease (lease IDs are easy to guess: sequential).
+) -> tuple[apb.ReportNodeResponse, int]:
+    """node-2's agent reports and gets its lease (lease IDs are easy to guess: sequential);
+    2.5 s later its TTL is running down. Returns the report's answer and the seconds left."""
     with allocator.channel("root") as ch:
         node2 = apb_grpc.AllocatorServiceStub(ch).ReportNode(
             apb.ReportNodeRequest(node="node-2", routes=[], table=119), timeout=10
@@ -462,6 +463,13 @@ def test_a_node_cannot_keep_another_nodes_lease_alive(
     time.sleep(2.5)
     left = lease_ttl(etcd_server, node2.lease_id)
     assert 0 < left <= node2.ttl - 2
+    return node2, left
+
+
+def test_a_node_cannot_keep_another_nodes_lease_alive(
+    allocator: Allocator, etcd_server: EtcdServer
+) -> None:
+    node2, left = node2_lease_running_down(allocator, etcd_server)
     # node-1, with its own certificate, reports for itself but sends node-2's lease ID.
     with allocator.channel("node-1-self") as ch:
         node1 = apb_grpc.AllocatorServiceStub(ch).ReportNode(
@@ -477,16 +485,10 @@ def test_a_node_cannot_keep_another_nodes_lease_alive(
 def test_a_node_cannot_keep_another_nodes_lease_alive_by_watching(
     allocator: Allocator, etcd_server: EtcdServer
 ) -> None:
-    with allocator.channel("root") as ch:
-        node2 = apb_grpc.AllocatorServiceStub(ch).ReportNode(
-            apb.ReportNodeRequest(node="node-2", routes=[], table=119), timeout=10
-        )
+    node2, left = node2_lease_running_down(allocator, etcd_server)
     with allocator.channel("node-1-self") as ch:
         stub = apb_grpc.AllocatorServiceStub(ch)
         node1 = stub.ReportNode(apb.ReportNodeRequest(node="node-1", table=119), timeout=10)
-        time.sleep(2.5)
-        left = lease_ttl(etcd_server, node2.lease_id)
-        assert 0 < left <= node2.ttl - 2
         # node-1, with its own certificate, watches itself but names node-2's lease: told
         # lease_lost at once, as for a dead lease, and the stream ends.
         stream = stub.WatchNode(
