@@ -270,3 +270,42 @@ def test_a_fresh_lease_is_taken_even_before_the_view_has_seen_it(
         finally:
             r.close()
     assert reads == [one.keys.node_alive("node-c")]
+
+
+def test_a_follow_closed_while_it_starts_lets_go_of_the_lease_and_subscription(
+    short_lived: Allocator, store: EtcdStore, etcd_prefix: str
+) -> None:
+    """A stream whose client goes away while its snapshot is still being read (the server runs
+    that step in a thread, and cannot stop it) keeps neither a subscription nor the node's
+    lease once the step ends."""
+    a = short_lived
+    view = ClusterView(store, Keys(etcd_prefix))
+    view.start(wait=5)
+    reading, go_on = threading.Event(), threading.Event()
+
+    def slow_snapshot(node: str):  # type: ignore[no-untyped-def]
+        reading.set()
+        assert go_on.wait(10)
+        return a.nodes.node_snapshot(node)
+
+    feed = NodeFeed(view, store, slow_snapshot, TTL, a.nodes.alive_lease)
+    try:
+        lease, _ = a.report_node("node-a", 0, [], 119)
+        follow = feed.follow("node-a", 0, lease)
+        answers: list[object] = []
+        starting = threading.Thread(target=lambda: answers.append(follow.start()))
+        starting.start()
+        assert reading.wait(5)
+        assert store.lease_held(lease)  # taken over while the stream starts
+        follow.close()  # the client went away
+        go_on.set()
+        starting.join(10)
+        assert answers == [None]
+        assert view.subscribers() == 0
+        deadline = time.monotonic() + 5
+        while store.lease_held(lease) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not store.lease_held(lease), "the lease is still kept alive for a closed stream"
+    finally:
+        go_on.set()
+        view.stop()

@@ -444,3 +444,47 @@ def test_concurrent_pods_and_their_own_releases_never_free_a_live_address(
         assert agent.check(cid, "eth0")[0].address == address
     records = {str(kv.key.rsplit("/", 1)[1]) for kv in store.range(f"{etcd_prefix}records/")[0]}
     assert records == {str(a) for a in live.values()}
+
+
+def test_open_streams_hold_no_thread_and_all_get_a_pool_change(
+    store: EtcdStore, etcd_prefix: str, replicas: list[Replica]
+) -> None:
+    """Streams wait on the server's event loop: two hundred open streams add no thread per
+    stream to the replica, every one of them gets a new pool, and closing them frees their
+    places (the replica's count of watchers goes back to zero)."""
+    import grpc
+
+    from coil.v1 import allocator_pb2 as pb
+    from coil.v1 import allocator_pb2_grpc as pb_grpc
+
+    r = Replica(store, etcd_prefix, max_watchers=500)
+    replicas.append(r)
+    channel = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    stub = pb_grpc.AllocatorServiceStub(channel)
+    streams: list[Any] = []
+    try:
+        # Warm the server: its thread pools start what they need with the first calls.
+        warm = stub.WatchNode(pb.WatchNodeRequest(node="node-warm"), timeout=30)
+        assert next(warm).snapshot
+        warm.cancel()
+        before = threading.active_count()
+        for i in range(200):
+            s = stub.WatchNode(pb.WatchNodeRequest(node=f"node-{i}"), timeout=60)
+            assert next(s).snapshot
+            streams.append(s)
+        grown = threading.active_count() - before
+        assert grown < 20, f"{grown} more threads with 200 streams open"
+        r.allocator.create_pool("default", ["10.77.0.0/16"], 4)
+        for s in streams:
+            change = next(s)
+            assert [p.name for p in change.pools] == ["default"]
+    finally:
+        for s in streams:
+            s.cancel()
+        channel.close()
+    servicer_watchers = r.calls  # observed per stream end
+    wait_for(
+        "every stream to end on the server",
+        lambda: servicer_watchers["WatchNode"] >= 201,
+        10,
+    )

@@ -7,8 +7,9 @@ the final status of every call, including those the error mapping produces.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -118,6 +119,15 @@ class AccessGuard(grpc.ServerInterceptor):
         return behavior
 
     def _stream(self, method: str, rule: RpcRule, inner: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(inner):  # a stream served on an event loop (coil_grpc.aio)
+
+            async def async_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+                self._admit(method, rule, request, context)
+                async for message in inner(request, context):
+                    yield message
+
+            return async_behavior
+
         def behavior(request: Any, context: Any) -> Iterator[Any]:
             self._admit(method, rule, request, context)
             yield from inner(request, context)

@@ -5,10 +5,21 @@ TLS unless explicitly insecure. Both servers bind through here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import grpc
 
 from coil_grpc.files import owner_only, prepare_socket_path, seal_socket
+
+
+class Server(Protocol):
+    """What binding needs of a server: `grpc.Server`, or `coil_grpc.aio.AioServer`."""
+
+    def add_insecure_port(self, address: str) -> int: ...
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int: ...
+
+    def start(self) -> None: ...
 
 
 def split_addresses(text: str | Sequence[str]) -> list[str]:
@@ -29,7 +40,7 @@ def _bind(add: Callable[[str], int], address: str, what: str) -> int:
 
 
 def listen_and_start(
-    server: grpc.Server,
+    server: Server,
     addresses: Sequence[str],
     credentials: grpc.ServerCredentials | None = None,
     *,

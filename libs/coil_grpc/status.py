@@ -13,9 +13,11 @@ still fits the status trailer. Every call's method, status name and duration go 
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -147,30 +149,68 @@ class ErrorsToStatus(grpc.ServerInterceptor):
 
     def _stream(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The same for a server stream: an error while streaming ends it with its status; the
-        call is observed when the stream ends (its duration is the stream's life)."""
+        call is observed when the stream ends (its duration is the stream's life). A stream
+        that is an async generator (served on an event loop, `coil_grpc.aio`) stays one."""
         inner = handler.unary_stream
-        log, unexpected, observe = self._log, self._unexpected, self._observe
+        observe = self._observe
+
+        def ended(code: grpc.StatusCode, started: float) -> None:
+            if observe is not None:
+                observe(method, code.name, time.perf_counter() - started)
+
+        def failed(e: Exception, context: grpc.ServicerContext) -> None:
+            """Abort the call for `e` (abort raises)."""
+            if isinstance(e, errors.CoilError):
+                code = status_of(e)
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                    self._log.warning("%s failed: %s", method, cut(str(e)))
+                context.abort(code, cut(str(e)))
+            self._log.exception("%s failed unexpectedly", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method}: {self._unexpected}")
+
+        def code_of(e: BaseException) -> grpc.StatusCode:
+            if isinstance(e, errors.CoilError):
+                return status_of(e)
+            if isinstance(e, (GeneratorExit, asyncio.CancelledError)):
+                return grpc.StatusCode.CANCELLED  # the client went away, or the server stops
+            return grpc.StatusCode.INTERNAL
+
+        if inspect.isasyncgenfunction(inner):
+
+            async def async_call(request: Any, context: grpc.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    async for message in inner(request, context):
+                        yield message
+                except (GeneratorExit, asyncio.CancelledError) as e:
+                    code = code_of(e)
+                    raise
+                except Exception as e:  # noqa: BLE001 - mapped to a status, or logged
+                    code = code_of(e)
+                    failed(e, context)
+                finally:
+                    ended(code, started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                async_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 yield from inner(request, context)
-            except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED  # the client went away
+            except GeneratorExit as e:
+                code = code_of(e)
                 raise
-            except errors.CoilError as e:
-                code = status_of(e)
-                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                    log.warning("%s failed: %s", method, cut(str(e)))
-                context.abort(code, cut(str(e)))
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed unexpectedly", method)
-                context.abort(code, f"{method}: {unexpected}")
+            except Exception as e:  # noqa: BLE001 - mapped to a status, or logged
+                code = code_of(e)
+                failed(e, context)
             finally:
-                if observe is not None:
-                    observe(method, code.name, time.perf_counter() - started)
+                ended(code, started)
 
         return grpc.unary_stream_rpc_method_handler(
             call,

@@ -16,12 +16,14 @@ one, and is neither refreshed nor held.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from typing import cast
 
 from coil_allocator.store import Store
 from coil_allocator.view import ClusterView, Lost, Resync, Subscription
@@ -139,8 +141,18 @@ class NodeFeed:
                     self.store.drop_lease(lease_id)
 
 
+_SKIP = object()  # an item with nothing for this follower
+_RESYNC = object()  # the view lost the follower's place: a snapshot comes next
+
+
 class Follow:
-    """One node's feed (see `NodeFeed.follow`); `cancel` ends the iteration from any thread."""
+    """One node's feed (see `NodeFeed.follow`).
+
+    Read it either by iterating (blocking; `cancel` ends it from any thread), or on an event
+    loop: `start` (blocking: run it in an executor) gives the first answer, then `rest` the
+    changes after it. `close` (the same as `cancel`) lets go of the subscription and the node's
+    lease; it is safe to call at any time from any thread, also while `start` still runs (then
+    `start` lets go of what it took, and answers None)."""
 
     def __init__(self, feed: NodeFeed, node: str, revision: int, lease_id: int) -> None:
         self._feed = feed
@@ -148,25 +160,34 @@ class Follow:
         self.revision = revision
         self.lease_id = lease_id
         self._sub: Subscription | None = None
-        self._cancelled = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._held = False
+        self._closed = False
         self._lock = threading.Lock()
 
-    def cancel(self) -> None:
-        self._cancelled.set()
+    def close(self) -> None:
         with self._lock:
-            if self._sub is not None:
-                self._sub.close()
+            self._closed = True
+            sub, self._sub = self._sub, None
+            held, self._held = self._held, False
+        if sub is not None:
+            sub.close()
+        if held:
+            self._feed.release(self.lease_id)
+
+    cancel = close
 
     def _subscribe(self, after: int) -> tuple[Subscription, list[Pool]] | None:
-        got = self._feed.view.subscribe(self.node, after)
+        got = self._feed.view.subscribe(self.node, after, self._loop)
         if got is None:
             return None
         with self._lock:
-            if self._sub is not None:
-                self._sub.close()
-            self._sub = got[0]
-            if self._cancelled.is_set():
-                got[0].close()
+            old, self._sub = self._sub, got[0]
+            if self._closed:
+                self._sub = None
+                old = got[0]
+        if old is not None:
+            old.close()
         return got
 
     def _snapshot(self) -> NodeChange:
@@ -186,43 +207,81 @@ class Follow:
             )
         raise Unavailable("watch node: the allocator's view keeps resynchronising; try again")
 
-    def __iter__(self) -> Iterator[NodeChange]:
-        held = False
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> NodeChange | None:
+        """The first answer: `lease_lost` (the feed ends with it), a snapshot, or, when the
+        follower resumes, an empty change at its revision (its missed changes follow). None when
+        closed meanwhile. Blocks on etcd; raises Unavailable. With `loop`, the changes after it
+        are read on that loop (`rest`)."""
+        self._loop = loop
         if not self._feed.view.current:
             raise Unavailable("watch node: the allocator cannot reach etcd; try again")
-        try:
-            if self.lease_id:
-                held = self._feed.hold(self.node, self.lease_id)
-                if not held:
-                    yield NodeChange(self.revision, lease_lost=True)
-                    return
-            if self.revision <= 0 or self._subscribe(self.revision) is None:
-                yield self._snapshot()
-            else:
-                # Resumed: say so at once (the follower knows its stream is up), then the
-                # changes it missed follow from the subscription.
-                yield NodeChange(self.revision)
-            while not self._cancelled.is_set():
-                sub = self._sub
-                assert sub is not None
-                item = sub.get()
-                if item is None:
-                    return  # cancelled
-                if isinstance(item, Resync):
-                    yield self._snapshot()
-                    continue
-                if isinstance(item, Lost):
-                    raise Unavailable(f"watch node: the allocator lost etcd ({item.reason})")
-                if item.lease_lost and not self.lease_id:
-                    item = replace(item, lease_lost=False)  # not following with a lease
-                    if not item:
-                        continue
-                yield item
-                if item.lease_lost:
-                    return
-        finally:
+        if self.lease_id:
+            if not self._feed.hold(self.node, self.lease_id):
+                return NodeChange(self.revision, lease_lost=True)
             with self._lock:
-                if self._sub is not None:
-                    self._sub.close()
-            if held:
+                self._held = not self._closed
+            if not self._held:
                 self._feed.release(self.lease_id)
+                return None
+        if self.revision <= 0 or self._subscribe(self.revision) is None:
+            first = self._snapshot()
+        else:
+            # Resumed: say so at once (the follower knows its stream is up), then the changes
+            # it missed follow from the subscription.
+            first = NodeChange(self.revision)
+        with self._lock:
+            return None if self._closed else first
+
+    def _after(self, item: NodeChange | Resync | Lost | None) -> object:
+        """What the follower gets for a subscription's item: a NodeChange, `_SKIP`, `_RESYNC`,
+        or None (the feed ends). Raises Unavailable when the view lost etcd."""
+        if item is None:
+            return None  # closed
+        if isinstance(item, Resync):
+            return _RESYNC
+        if isinstance(item, Lost):
+            raise Unavailable(f"watch node: the allocator lost etcd ({item.reason})")
+        if item.lease_lost and not self.lease_id:
+            item = replace(item, lease_lost=False)  # not following with a lease
+            if not item:
+                return _SKIP
+        return item
+
+    def __iter__(self) -> Iterator[NodeChange]:
+        try:
+            first = self.start()
+            if first is None:
+                return
+            yield first
+            while not first.lease_lost:
+                sub = self._sub
+                if sub is None:
+                    return
+                got = self._after(sub.get())
+                if got is None:
+                    return
+                if got is _SKIP:
+                    continue
+                first = self._snapshot() if got is _RESYNC else cast(NodeChange, got)
+                yield first
+        finally:
+            self.close()
+
+    async def rest(
+        self, run: Callable[[Callable[[], NodeChange]], Awaitable[NodeChange]]
+    ) -> AsyncIterator[NodeChange]:
+        """The changes after `start`'s answer, on the loop `start` was given; `run` runs a
+        blocking call (a new snapshot) off the loop. Does not close the follow."""
+        while True:
+            sub = self._sub
+            if sub is None:
+                return
+            got = self._after(await sub.get_async())
+            if got is None:
+                return
+            if got is _SKIP:
+                continue
+            change = await run(self._snapshot) if got is _RESYNC else cast(NodeChange, got)
+            yield change
+            if change.lease_lost:
+                return

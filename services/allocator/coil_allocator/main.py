@@ -83,7 +83,7 @@ FLAGS: tuple[Flag, ...] = (
         "--max-watchers",
         "COIL_MAX_WATCHERS",
         "20000",
-        "WatchNode streams served at once (one idle thread each); more are refused",
+        "WatchNode streams served at once (they wait on one event loop); more are refused",
     ),
     (
         "--compaction-interval",
@@ -194,9 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     from coil_grpc.http import serve_http
     from coil_grpc.policy import PolicyError, load_policy
 
-    # Every WatchNode stream holds a server thread that mostly waits: small stacks keep ten
-    # thousand of them within a few hundred MB.
-    threading.stack_size(512 * 1024)
     # From here on a SIGTERM stops cleanly, also while start-up still waits for etcd.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -7,13 +7,15 @@ Before it, `coil_grpc.guard.AccessGuard` decides who may make each call (docs/se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -24,11 +26,13 @@ from coil_allocator.feed import NodeFeed
 from coil_allocator.view import ClusterView
 from coil_core import errors
 from coil_core.model import (
+    NodeChange,
     Owner,
     RecordRequest,
     ReleaseRequest,
     parse_address,
 )
+from coil_grpc.aio import AioServer
 from coil_grpc.auditlog import AuditLog
 from coil_grpc.convert import (
     FAMILY_FROM_PB,
@@ -49,6 +53,8 @@ from coil_grpc.status import ErrorsToStatus, Observer
 
 log = logging.getLogger("coil.allocator")
 
+T = TypeVar("T")
+
 RpcObserver = Observer
 
 DEFAULT_MAX_WATCHERS = 1000
@@ -61,6 +67,9 @@ def saturate(n: int) -> int:
     """Counts of IPv6 addresses and blocks can exceed uint64: report them as 2^64 - 1."""
     return min(n, UINT64_MAX)
 
+
+STREAM_STARTS = 64
+"""Threads for the blocking steps of WatchNode streams (their first answers, later snapshots)."""
 
 NODE_STARTS = 8
 """Node start-up calls (a report, a node's listing, the first answer of a WatchNode stream) one
@@ -85,9 +94,13 @@ class NodeStarts:
         self._turns = threading.BoundedSemaphore(limit)
 
     @contextlib.contextmanager
-    def turn(self, context: Any, op: str) -> Iterator[None]:
+    def turn(self, context: Any, op: str, since: float | None = None) -> Iterator[None]:
+        """A turn for `op`, waited for no longer than the call's deadline allows, and at most
+        `MAX_TURN_WAIT` from `since` (a `time.monotonic()`; default now)."""
         left = context.time_remaining()
         wait = MAX_TURN_WAIT if left is None else min(MAX_TURN_WAIT, left - 0.25)
+        if since is not None:
+            wait = min(wait, since + MAX_TURN_WAIT - time.monotonic())
         if wait <= 0 or not self._turns.acquire(timeout=wait):
             raise errors.Unavailable(
                 f"{op}: this allocator is busy with other nodes starting; try again"
@@ -101,10 +114,16 @@ class NodeStarts:
 class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
     """Serves `coil.v1.AllocatorService` from an `Allocator`.
 
-    WatchNode streams come from the allocator's view; an allocator built without one (tests,
-    tools) gets a view of its own at the first WatchNode. At most `max_watchers` streams are
-    served at once (each holds a server thread); one more is refused with UNAVAILABLE, so that
-    the node agent tries again, possibly on another replica.
+    Every method but WatchNode is a blocking call (run on the server's thread pool). WatchNode is
+    a coroutine on the server's event loop: a stream waiting for changes holds no thread, and a
+    pool change reaches ten thousand streams without waking as many threads. Its blocking steps
+    (taking the node's lease over, a snapshot) run on a pool of their own, `STREAM_STARTS`
+    threads, so that streams starting in a crowd never take the threads of the unary calls.
+
+    The streams come from the allocator's view; an allocator built without one (tests, tools)
+    gets a view of its own at the first WatchNode. At most `max_watchers` streams are served at
+    once; one more is refused with UNAVAILABLE, so that the node agent tries again, possibly on
+    another replica.
     """
 
     def __init__(
@@ -119,6 +138,9 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
         self._watchers = 0
         self._lock = threading.Lock()
         self._feed: NodeFeed | None = None
+        self._starts = futures.ThreadPoolExecutor(STREAM_STARTS, thread_name_prefix="watch-start")
+        # The last change sent and its message: a pool change is one value for every stream.
+        self._last: tuple[NodeChange, pb.WatchNodeResponse] | None = None
 
     def feed(self) -> NodeFeed:
         with self._lock:
@@ -136,10 +158,25 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
                 )
             return self._feed
 
-    def WatchNode(
+    def _message(self, change: NodeChange) -> pb.WatchNodeResponse:
+        last = self._last
+        if last is not None and last[0] is change:
+            return last[1]
+        message = node_change_pb(change)
+        self._last = (change, message)
+        return message
+
+    async def WatchNode(
         self, request: pb.WatchNodeRequest, context: Any
-    ) -> Iterator[pb.WatchNodeResponse]:
-        follow = self.feed().follow(request.node, request.revision, request.lease_id)
+    ) -> AsyncIterator[pb.WatchNodeResponse]:
+        loop = asyncio.get_running_loop()
+        opened = time.monotonic()
+
+        def run(call: Callable[[], T]) -> Awaitable[T]:
+            return loop.run_in_executor(self._starts, call)
+
+        feed = await run(self.feed)
+        follow = feed.follow(request.node, request.revision, request.lease_id)
         with self._lock:
             if self._watchers >= self.max_watchers:
                 raise errors.Unavailable(
@@ -148,18 +185,24 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
                 )
             self._watchers += 1
         try:
-            # The client going away (or the server stopping) ends the feed's wait at once.
-            context.add_callback(follow.cancel)
-            changes = iter(follow)
-            # The first answer (taking the lease over, a snapshot) is the costly part.
-            with self.node_starts.turn(context, "watch node"):
-                first = next(changes, None)
-            if first is None:
+
+            def first() -> NodeChange | None:
+                # The first answer (taking the lease over, a snapshot) is the costly part.
+                with self.node_starts.turn(context, "watch node", since=opened):
+                    return follow.start(loop)
+
+            change = await run(first)
+            if change is None:
                 return
-            yield node_change_pb(first)
-            for change in changes:
-                yield node_change_pb(change)
+            yield self._message(change)
+            if change.lease_lost:
+                return
+            async for change in follow.rest(run):
+                yield self._message(change)
         finally:
+            # Also when the client went away or the server stops (the coroutine is cancelled):
+            # a start still running lets go of what it takes when it ends.
+            follow.close()
             with self._lock:
                 self._watchers -= 1
 
@@ -338,7 +381,7 @@ def serve(
     insecure: bool = False,
     expensive_reads: int = 4,
     audit: AuditLog | None = None,
-) -> tuple[grpc.Server, int]:
+) -> tuple[AioServer, int]:
     """Start a gRPC server for `allocator` on `listen`: "host:port" or "unix:PATH" addresses, a
     list or comma-separated.
 
@@ -357,19 +400,19 @@ def serve(
     errors_to_status = ErrorsToStatus(
         "coil.v1.AllocatorService", log, "internal error; see the allocator's log", observe
     )
-    # Each WatchNode stream holds a thread while it waits (idle, no CPU): the pool has room for
-    # every watcher and still `workers` threads for the unary calls.
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers + max_watchers),
+    # WatchNode streams wait on the server's event loop, not in threads: `workers` threads
+    # serve the blocking calls.
+    server = AioServer(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         interceptors=[guard, errors_to_status],
     )
     pb_grpc.add_AllocatorServiceServicer_to_server(
-        AllocatorServicer(allocator, max_watchers), server
+        AllocatorServicer(allocator, max_watchers), server.server
     )
     if health is not None:
         from grpc_health.v1 import health_pb2_grpc
 
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server.server)
     try:
         port = listen_and_start(
             server, split_addresses(listen), credentials, insecure=insecure, what="allocator"

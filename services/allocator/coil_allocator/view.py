@@ -19,6 +19,8 @@ view keeps its last state and `current` turns false.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -70,6 +72,8 @@ class _Change:
     nodes: dict[str, _NodeParts] = field(default_factory=dict)
     alive: dict[str, int] = field(default_factory=dict)  # node -> lease, 0: key deleted
     status: dict[str, bytes | None] = field(default_factory=dict)
+    # What every node that the change does not name gets (its pools): one value for them all.
+    everyones: NodeChange | None = field(default=None, repr=False, compare=False)
 
     def node(self, name: str) -> _NodeParts:
         parts = self.nodes.get(name)
@@ -79,16 +83,34 @@ class _Change:
 
 
 class Subscription:
-    """A node's feed of changes after a revision. `get` blocks for the next item."""
+    """A node's feed of changes after a revision. `get` blocks for the next item; a subscription
+    made for an event loop (`loop`) is read with `get_async` on that loop instead, and the view's
+    thread hands it each item through the loop."""
 
-    def __init__(self, view: ClusterView, node: str, after: int) -> None:
+    def __init__(
+        self,
+        view: ClusterView,
+        node: str,
+        after: int,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.node = node
         self.after = after
         self._view = view
+        self._loop = loop
         self._queue: queue.SimpleQueue[NodeChange | Resync | Lost | None] = queue.SimpleQueue()
+        self._async: asyncio.Queue[NodeChange | Resync | Lost | None] | None = (
+            None if loop is None else asyncio.Queue()
+        )
 
     def put(self, item: NodeChange | Resync | Lost | None) -> None:
-        self._queue.put(item)
+        if self._async is None:
+            self._queue.put(item)
+            return
+        assert self._loop is not None
+        # A closed loop (the server stopped) has nobody left to read this.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
 
     def get(self, timeout: float | None = None) -> NodeChange | Resync | Lost | None:
         """The next change, a `Resync` or `Lost`, or None when closed or nothing came within
@@ -98,9 +120,14 @@ class Subscription:
         except queue.Empty:
             return None
 
+    async def get_async(self) -> NodeChange | Resync | Lost | None:
+        """`get` for a subscription made for the running loop (None: closed)."""
+        assert self._async is not None, "not a subscription for an event loop"
+        return await self._async.get()
+
     def close(self) -> None:
         self._view._unsubscribe(self)
-        self._queue.put(None)
+        self.put(None)
 
 
 class ClusterView:
@@ -162,17 +189,20 @@ class ClusterView:
 
     # -- subscribing -------------------------------------------------------------------------
 
-    def subscribe(self, node: str, after: int) -> tuple[Subscription, list[Pool]] | None:
+    def subscribe(
+        self, node: str, after: int, loop: asyncio.AbstractEventLoop | None = None
+    ) -> tuple[Subscription, list[Pool]] | None:
         """Follow `node`'s changes after revision `after`: the subscription (which first replays
-        what the view's history holds after `after`) and the pools as the view has them now.
-        None when the history no longer reaches back to `after` (take a snapshot, then
-        subscribe after its revision). Unavailable while the view has lost etcd."""
+        what the view's history holds after `after`; read on `loop` when given) and the pools
+        as the view has them now. None when the history no longer reaches back to `after`
+        (take a snapshot, then subscribe after its revision). Unavailable while the view has
+        lost etcd."""
         with self._lock:
             if not self.current:
                 raise Unavailable("watch node: the allocator cannot reach etcd; try again")
             if after < self._log_from:
                 return None
-            sub = Subscription(self, node, after)
+            sub = Subscription(self, node, after, loop)
             # Only the changes after `after`, found from the newest end: a subscriber that
             # just took a snapshot needs few or none of the (up to `HISTORY`) kept changes.
             missed: list[_Change] = []
@@ -203,9 +233,16 @@ class ClusterView:
     def _for(change: _Change, node: str) -> NodeChange | None:
         """What of `change` concerns `node` (None: nothing)."""
         mine = change.nodes.get(node)
-        if mine is None and not change.pools and not change.deleted_pools:
-            return None
-        mine = mine or _NodeParts()
+        if mine is None:
+            if not change.pools and not change.deleted_pools:
+                return None
+            # A pool change reaches thousands of nodes: they share one value (and the server
+            # one encoding of it).
+            if change.everyones is None:
+                change.everyones = NodeChange(
+                    change.revision, tuple(change.pools), tuple(change.deleted_pools)
+                )
+            return change.everyones
         return NodeChange(
             change.revision,
             tuple(change.pools),
