@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -359,3 +360,37 @@ def test_node_starts_take_turns_and_refuse_a_caller_who_would_give_up_first() ->
     for t in (*workers, waiter):
         t.join(5)
     assert sorted(done) == ["w0", "w1"] and len(got) == 1
+
+
+def test_health_answers_and_its_streams_never_take_the_unary_calls_threads(
+    store: EtcdStore, etcd_prefix: str, tmp_path: Path
+) -> None:
+    """The health service is the blocking one of grpcio: an unknown service is NOT_FOUND (as
+    grpcio's own server answers), and Watch streams, each holding a thread while open, leave
+    the threads of the allocator's own calls free: with twice as many Watch streams open as
+    the server has threads for unary calls, a ListPools still answers at once."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server, _ = serve(
+        Allocator(store, etcd_prefix), f"unix:{tmp_path}/h.sock", workers=4, health=servicer
+    )
+    watches: list[Any] = []
+    try:
+        with grpc.insecure_channel(f"unix:{tmp_path}/h.sock") as channel:
+            checks = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                checks.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            ok = checks.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert ok.status == health_pb2.HealthCheckResponse.SERVING
+            for _ in range(8):
+                watches.append(checks.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60))
+            assert next(watches[0]).status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.AllocatorServiceStub(channel)
+            assert list(stub.ListPools(pb.ListPoolsRequest(), timeout=5).pools) == []
+    finally:
+        for w in watches:
+            w.cancel()
+        server.stop(None).wait(10)

@@ -704,3 +704,13 @@ def test_an_undecodable_request_is_refused_whoever_sends_it(
         assert e.value.code().name == expected, (method, e.value.details())
     assert allocator.snapshot() == before
     assert "Traceback" not in allocator.proc.log.read_text()
+
+
+def test_an_undecodable_watch_request_is_refused_as_invalid(allocator: Allocator) -> None:
+    """The stream is served on the allocator's event loop; its undecodable request still gets
+    INVALID_ARGUMENT from the decoding, with no traceback in the log."""
+    with allocator.channel("operator") as ch, pytest.raises(grpc.RpcError) as e:
+        list(ch.unary_stream("/coil.v1.AllocatorService/WatchNode")(b"\xff\xff\xff", timeout=10))
+    assert e.value.code().name == "INVALID_ARGUMENT", e.value.details()
+    assert "not a valid protobuf message" in (e.value.details() or "")
+    assert "Traceback" not in allocator.proc.log.read_text()

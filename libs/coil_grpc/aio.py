@@ -8,14 +8,19 @@ each hold a thread (the allocator's WatchNode).
 `SyncBridge` is its one aio interceptor. It applies the blocking interceptors both services share
 (`AccessGuard`, `ErrorsToStatus`: `grpc.ServerInterceptor`s that wrap handlers), then runs each
 handler as the aio server needs it: a blocking unary handler on the thread pool; an async
-generator (a stream that waits on the loop) on the loop; a blocking generator on the thread pool,
-one message at a time. Each handler gets a `SyncContext`: the context the blocking interceptors
-and handlers were written for, whose `abort` raises (the aio context's `abort` is a coroutine).
+generator (a stream that waits on the loop) on the loop; a blocking generator (the health
+service's Watch) on a small pool of its own, one message at a time, so that streams which block
+for their lives never take the unary calls' threads. Each handler gets a `SyncContext`: the
+context the blocking interceptors and handlers were written for, whose `abort` raises (the aio
+context's `abort` is a coroutine). Every generator the bridge or an interceptor wraps is closed
+when its stream ends, however it ends, so a stream's `finally` runs then and not at some later
+garbage collection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -26,6 +31,10 @@ import grpc
 from grpc import aio
 
 T = TypeVar("T")
+
+BLOCKING_STREAMS = 4
+"""Threads for blocking server streams (the health service's Watch): each holds one while open;
+more wait for a thread, and the unary calls never do."""
 
 
 class Aborted(Exception):
@@ -52,8 +61,15 @@ class SyncContext:
         raise Aborted(code, details)
 
     def code(self) -> grpc.StatusCode | None:
-        """The status an `abort` set (None: none yet)."""
+        """The status an `abort` or `set_code` set (None: none yet)."""
         return self._code
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(details)
 
     def peer(self) -> str:
         return self._context.peer()
@@ -86,6 +102,9 @@ class SyncBridge(aio.ServerInterceptor):
     ) -> None:
         self._interceptors = list(interceptors)
         self._executor = executor
+        self._streams = futures.ThreadPoolExecutor(
+            BLOCKING_STREAMS, thread_name_prefix="blocking-stream"
+        )
         self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
 
     async def intercept_service(
@@ -109,8 +128,11 @@ class SyncBridge(aio.ServerInterceptor):
             self._handlers[method] = bridged
         return bridged
 
+    def close(self) -> None:
+        self._streams.shutdown(wait=False, cancel_futures=True)
+
     def _bridge(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        executor = self._executor
+        executor, streams = self._executor, self._streams
         if handler.unary_unary is not None:
             unary = handler.unary_unary
             if inspect.iscoroutinefunction(unary):
@@ -134,8 +156,9 @@ class SyncBridge(aio.ServerInterceptor):
 
                 async def stream_call(request: Any, context: aio.ServicerContext) -> Any:
                     try:
-                        async for message in stream(request, SyncContext(context)):
-                            yield message
+                        async with contextlib.aclosing(stream(request, SyncContext(context))) as it:
+                            async for message in it:
+                                yield message
                     except Aborted as e:
                         await _abort(context, e)
 
@@ -147,11 +170,11 @@ class SyncBridge(aio.ServerInterceptor):
                     try:
                         messages = iter(
                             await loop.run_in_executor(
-                                executor, stream, request, SyncContext(context)
+                                streams, stream, request, SyncContext(context)
                             )
                         )
                         while True:
-                            message = await loop.run_in_executor(executor, next, messages, done)
+                            message = await loop.run_in_executor(streams, next, messages, done)
                             if message is done:
                                 return
                             yield message
@@ -180,20 +203,33 @@ class AioServer:
         self._stopped: threading.Event | None = None
         self._lock = threading.Lock()
 
+        self._bridge = SyncBridge(interceptors, executor)
+        self._on_stop: list[Callable[[], None]] = [self._bridge.close]
+
         async def make() -> aio.Server:
-            return aio.server(
-                migration_thread_pool=executor,
-                interceptors=[SyncBridge(interceptors, executor)],
-            )
+            return aio.server(migration_thread_pool=executor, interceptors=[self._bridge])
 
         self.server = self._call(make())
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the server has stopped (to release what its services hold)."""
+        self._on_stop.append(callback)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_forever()
+            # Whatever still runs (a handler the stop's grace cut off) is cancelled and let
+            # finish, so that its `finally` lets go of what it holds.
+            left = asyncio.all_tasks(self._loop)
+            for task in left:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         finally:
             self._loop.close()
+            for callback in self._on_stop:
+                callback()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

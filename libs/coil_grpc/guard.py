@@ -7,6 +7,7 @@ the final status of every call, including those the error mapping produces.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -123,8 +124,9 @@ class AccessGuard(grpc.ServerInterceptor):
 
             async def async_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 self._admit(method, rule, request, context)
-                async for message in inner(request, context):
-                    yield message
+                async with contextlib.aclosing(inner(request, context)) as messages:
+                    async for message in messages:
+                        yield message
 
             return async_behavior
 

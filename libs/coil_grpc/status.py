@@ -14,6 +14,7 @@ still fits the status trailer. Every call's method, status name and duration go 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -50,6 +51,21 @@ class _Undecodable:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """`deserialize`, answering an `_Undecodable` for bytes that are not a valid message (the
+    handler then refuses the call; gRPC itself would answer INTERNAL and log a traceback)."""
+
+    def decode(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's
+            return _Undecodable(f"{type(e).__name__}: {e}")
+
+    return decode
 
 
 def cut(message: str, limit: int = MAX_MESSAGE) -> str:
@@ -104,26 +120,10 @@ class ErrorsToStatus(grpc.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         log, unexpected, observe = self._log, self._unexpected, self._observe
-        deserialize = handler.request_deserializer
-
-        def decode(data: bytes) -> Any:
-            if deserialize is None:
-                return data
-            try:
-                return deserialize(data)
-            except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's
-                return _Undecodable(f"{type(e).__name__}: {e}")
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             if isinstance(request, _Undecodable):
-                reason = cut(request.reason, 200)
-                log.warning("%s: undecodable request: %s", method, reason)
-                if observe is not None:
-                    observe(method, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{method}: the request is not a valid protobuf message ({reason})",
-                )
+                self._refuse_undecodable(method, request, context)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -143,8 +143,21 @@ class ErrorsToStatus(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=decode,
+            request_deserializer=_decoder(handler.request_deserializer),
             response_serializer=handler.response_serializer,
+        )
+
+    def _refuse_undecodable(
+        self, method: str, request: _Undecodable, context: grpc.ServicerContext
+    ) -> None:
+        """Abort with INVALID_ARGUMENT and one log line (abort raises)."""
+        reason = cut(request.reason, 200)
+        self._log.warning("%s: undecodable request: %s", method, reason)
+        if self._observe is not None:
+            self._observe(method, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{method}: the request is not a valid protobuf message ({reason})",
         )
 
     def _stream(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -178,11 +191,14 @@ class ErrorsToStatus(grpc.ServerInterceptor):
         if inspect.isasyncgenfunction(inner):
 
             async def async_call(request: Any, context: grpc.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    self._refuse_undecodable(method, request, context)
                 started = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
-                    async for message in inner(request, context):
-                        yield message
+                    async with contextlib.aclosing(inner(request, context)) as messages:
+                        async for message in messages:
+                            yield message
                 except (GeneratorExit, asyncio.CancelledError) as e:
                     code = code_of(e)
                     raise
@@ -194,11 +210,13 @@ class ErrorsToStatus(grpc.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 async_call,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoder(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
 
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            if isinstance(request, _Undecodable):
+                self._refuse_undecodable(method, request, context)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -214,6 +232,6 @@ class ErrorsToStatus(grpc.ServerInterceptor):
 
         return grpc.unary_stream_rpc_method_handler(
             call,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_decoder(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

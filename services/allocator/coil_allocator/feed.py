@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import cast
 
@@ -177,6 +177,11 @@ class Follow:
 
     cancel = close
 
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
     def _subscribe(self, after: int) -> tuple[Subscription, list[Pool]] | None:
         got = self._feed.view.subscribe(self.node, after, self._loop)
         if got is None:
@@ -213,6 +218,8 @@ class Follow:
         closed meanwhile. Blocks on etcd; raises Unavailable. With `loop`, the changes after it
         are read on that loop (`rest`)."""
         self._loop = loop
+        if self.closed:
+            return None  # nobody waits for it: take nothing over, read nothing
         if not self._feed.view.current:
             raise Unavailable("watch node: the allocator cannot reach etcd; try again")
         if self.lease_id:
@@ -269,7 +276,7 @@ class Follow:
 
     async def rest(
         self, run: Callable[[Callable[[], NodeChange]], Awaitable[NodeChange]]
-    ) -> AsyncIterator[NodeChange]:
+    ) -> AsyncGenerator[NodeChange, None]:
         """The changes after `start`'s answer, on the loop `start` was given; `run` runs a
         blocking call (a new snapshot) off the loop. Does not close the follow."""
         while True:

@@ -158,7 +158,13 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
                 )
             return self._feed
 
+    def close(self) -> None:
+        """Let go of the stream-start threads (the server has stopped)."""
+        self._starts.shutdown(wait=False, cancel_futures=True)
+
     def _message(self, change: NodeChange) -> pb.WatchNodeResponse:
+        if change.snapshot:
+            return node_change_pb(change)  # one node's: keep the shared one cached
         last = self._last
         if last is not None and last[0] is change:
             return last[1]
@@ -187,6 +193,8 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
         try:
 
             def first() -> NodeChange | None:
+                if follow.closed:
+                    return None  # the client went away while this waited for a thread
                 # The first answer (taking the lease over, a snapshot) is the costly part.
                 with self.node_starts.turn(context, "watch node", since=opened):
                     return follow.start(loop)
@@ -197,8 +205,9 @@ class AllocatorServicer(pb_grpc.AllocatorServiceServicer):
             yield self._message(change)
             if change.lease_lost:
                 return
-            async for change in follow.rest(run):
-                yield self._message(change)
+            async with contextlib.aclosing(follow.rest(run)) as changes:
+                async for change in changes:
+                    yield self._message(change)
         finally:
             # Also when the client went away or the server stops (the coroutine is cancelled):
             # a start still running lets go of what it takes when it ends.
@@ -406,9 +415,9 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         interceptors=[guard, errors_to_status],
     )
-    pb_grpc.add_AllocatorServiceServicer_to_server(
-        AllocatorServicer(allocator, max_watchers), server.server
-    )
+    servicer = AllocatorServicer(allocator, max_watchers)
+    server.on_stop(servicer.close)
+    pb_grpc.add_AllocatorServiceServicer_to_server(servicer, server.server)
     if health is not None:
         from grpc_health.v1 import health_pb2_grpc
 
