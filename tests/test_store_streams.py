@@ -297,7 +297,12 @@ def test_a_refresh_without_answer_is_unavailable_and_close_ends_the_stream() -> 
     server = start_etcd("coil-keeper-down")
     s = EtcdStore(EtcdConfig((server.endpoint,), timeout=1))
     try:
-        lease = s.grant_lease(5)
+        # The set-up, with time to spare on a loaded machine (the 1 s timeout is for the refresh).
+        setup = EtcdStore(EtcdConfig((server.endpoint,), timeout=10))
+        try:
+            lease = setup.grant_lease(5)
+        finally:
+            setup.close()
         assert s.keep_alive(lease) > 0
         server.proc.kill()
         server.proc.wait(10)
