@@ -257,6 +257,18 @@ def probe(allocator: str, nodes: int) -> tuple[float, dict[str, float]]:
     return asked, freed
 
 
+def _sample_cpu(
+    pids: list[int], gen: int, began: float, seconds: float, out: list[tuple[float, float, float]]
+) -> None:
+    """Append (seconds since `began`, CPU-seconds of `pids` together, of `gen`) every 0.25 s."""
+    while True:
+        now = time.time() - began
+        out.append((now, sum(cpu_seconds(p) for p in pids), cpu_seconds(gen)))
+        if now >= seconds:
+            return
+        time.sleep(0.25)
+
+
 def reached(asked: float, seen: list[float], expected: int) -> dict[str, Any]:
     """How long `expected` arrivals took after `asked`: count, p50, p99 and max seconds."""
     delays = sorted(t - asked for t in seen)
@@ -339,17 +351,26 @@ def measure(
         gen_cpu1 = cpu_seconds(gen.pid)
         rpcs1 = rpc_counts(ports)
         etcd1 = etcd_figures(the_lab)
-        asked, freed = 0.0, {}
+        asked, began = 0.0, 0.0
+        freed: dict[str, float] = {}
         probe_error = ""
+        # CPU-seconds of the allocators and of the load generator while the probe's changes go
+        # out: (seconds after the probe began, allocators, load generator), every 0.25 s.
+        cpu_during: list[tuple[float, float, float]] = []
         if mode == "watch":
             # After the window (its writes are not the quiet state's): does an operator's
             # change reach every node in time?
+            began = time.time()
+            sampler = threading.Thread(
+                target=_sample_cpu, args=(pids, gen.pid, began, PROBE_WAIT, cpu_during)
+            )
+            sampler.start()
             try:
                 asked, freed = probe(allocators[0][1], nodes)
             except grpc.RpcError as e:
                 probe_error = f"{e.code().name}: {e.details()}"
                 log(f"  {mode} {nodes:>6} nodes: the probe's change failed: {probe_error}")
-            time.sleep(PROBE_WAIT)
+            sampler.join()
         gen.stdin.close()
         result = json.loads(gen.stdout.read().strip().splitlines()[-1])
     finally:
@@ -391,6 +412,16 @@ def measure(
     elif "probe" in result:
         seen = result["probe"]["freed_seen"]
         out["pool_change"] = reached(asked, result["probe"]["pool_seen"], nodes)
+        if cpu_during and "max_s" in out["pool_change"]:
+            # Until the slowest node had the pool: how busy was each side?
+            until = asked - began + out["pool_change"]["max_s"]
+            first = cpu_during[0]
+            last = next((c for c in cpu_during if c[0] >= until), cpu_during[-1])
+            out["pool_change"]["cpu_s"] = {
+                "over_s": round(last[0] - first[0], 2),
+                "allocators": round(last[1] - first[1], 2),
+                "loadgen": round(last[2] - first[2], 2),
+            }
         out["address_free"] = reached(
             0.0, [seen[k] - t for k, t in freed.items() if k in seen], len(freed)
         )

@@ -565,9 +565,20 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
             "",
             f"After each watch run's window, an operator's changes (a new pool, then `address "
             f"free` of {probed[0]['address_free']['expected']} records on as many nodes), and "
-            "when the simulated nodes' streams brought them (seconds after each was asked for):",
+            "when the simulated nodes' streams brought them (seconds after each was asked for), "
+            "and the CPU-seconds the two allocators and the load generator (one process, all "
+            "the nodes' streams) spent from the probe's start until the slowest node had the "
+            "new pool:",
             "",
-            *header("nodes", "change", "reached", "p50", "p99", "slowest"),
+            *header(
+                "nodes",
+                "change",
+                "reached",
+                "p50",
+                "p99",
+                "slowest",
+                "CPU-s: allocators / load generator (over s)",
+            ),
         ]
         for run in probed:
             for what, label in (("pool_change", "new pool"), ("address_free", "address free")):
@@ -580,6 +591,12 @@ def quiet_section(q: dict[str, Any]) -> list[str]:
                         got.get("p50_s", "-"),
                         got.get("p99_s", "-"),
                         got.get("max_s", "-"),
+                        (
+                            f"{got['cpu_s']['allocators']} / {got['cpu_s']['loadgen']} "
+                            f"({got['cpu_s']['over_s']})"
+                            if "cpu_s" in got
+                            else "-"
+                        ),
                     )
                 )
     by = {(r["mode"], r["nodes"]): r for r in quiet_runs.get("runs", [])}

@@ -127,7 +127,8 @@ class NodeFeed:
                     self._sweeper.start()
 
     def _sweep(self) -> None:
-        """Stop keeping alive the leases that nobody followed with again within `linger`."""
+        """Stop keeping alive the leases that nobody followed with again within `linger`; ends
+        when none lingers (the next release starts another)."""
         while True:
             time.sleep(min(1.0, self._linger))
             now = time.monotonic()
@@ -139,6 +140,9 @@ class NodeFeed:
                         break
                     del self._lingering[lease_id]
                     self.store.drop_lease(lease_id)
+                if not self._lingering:
+                    self._sweeper = None
+                    return
 
 
 _SKIP = object()  # an item with nothing for this follower
