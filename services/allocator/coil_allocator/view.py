@@ -237,7 +237,7 @@ class ClusterView:
             if not change.pools and not change.deleted_pools:
                 return None
             # A pool change reaches thousands of nodes: they share one value (and the server
-            # one encoding of it).
+            # one message built from it).
             if change.everyones is None:
                 change.everyones = NodeChange(
                     change.revision, tuple(change.pools), tuple(change.deleted_pools)
