@@ -68,6 +68,15 @@ def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return decode
 
 
+def _code_of(e: BaseException) -> grpc.StatusCode:
+    """The status a call that ended with `e` is observed with."""
+    if isinstance(e, errors.CoilError):
+        return status_of(e)
+    if isinstance(e, (GeneratorExit, asyncio.CancelledError)):
+        return grpc.StatusCode.CANCELLED  # the client went away, or the server stops
+    return grpc.StatusCode.INTERNAL
+
+
 def cut(message: str, limit: int = MAX_MESSAGE) -> str:
     """``message``, or its first ``limit`` characters and a note of how many were cut."""
     if len(message) <= limit:
@@ -119,7 +128,6 @@ class ErrorsToStatus(grpc.ServerInterceptor):
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
-        log, unexpected, observe = self._log, self._unexpected, self._observe
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             if isinstance(request, _Undecodable):
@@ -128,24 +136,33 @@ class ErrorsToStatus(grpc.ServerInterceptor):
             code = grpc.StatusCode.OK
             try:
                 return inner(request, context)
-            except errors.CoilError as e:
-                code = status_of(e)
-                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                    log.warning("%s failed: %s", method, cut(str(e)))
-                context.abort(code, cut(str(e)))
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed unexpectedly", method)
-                context.abort(code, f"{method}: {unexpected}")
+            except Exception as e:  # noqa: BLE001 - mapped to a status, or logged
+                code = _code_of(e)
+                self._abort_for(method, e, context)
             finally:
-                if observe is not None:
-                    observe(method, code.name, time.perf_counter() - started)
+                self._ended(method, code, started)
 
         return grpc.unary_unary_rpc_method_handler(
             call,
             request_deserializer=_decoder(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def _abort_for(self, method: str, e: Exception, context: grpc.ServicerContext) -> None:
+        """Abort the call for `e` (abort raises): a domain error with its status and message,
+        logged when the service is at fault or unreachable; anything else as INTERNAL, logged
+        with its traceback."""
+        if isinstance(e, errors.CoilError):
+            code = status_of(e)
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                self._log.warning("%s failed: %s", method, cut(str(e)))
+            context.abort(code, cut(str(e)))
+        self._log.exception("%s failed unexpectedly", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: {self._unexpected}")
+
+    def _ended(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self._observe is not None:
+            self._observe(method, code.name, time.perf_counter() - started)
 
     def _refuse_undecodable(
         self, method: str, request: _Undecodable, context: grpc.ServicerContext
@@ -165,54 +182,24 @@ class ErrorsToStatus(grpc.ServerInterceptor):
         call is observed when the stream ends (its duration is the stream's life). A stream
         that is an async generator (served on an event loop, `coil_grpc.aio`) stays one."""
         inner = handler.unary_stream
-        observe = self._observe
 
-        def ended(code: grpc.StatusCode, started: float) -> None:
-            if observe is not None:
-                observe(method, code.name, time.perf_counter() - started)
-
-        def failed(e: Exception, context: grpc.ServicerContext) -> None:
-            """Abort the call for `e` (abort raises)."""
-            if isinstance(e, errors.CoilError):
-                code = status_of(e)
-                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                    self._log.warning("%s failed: %s", method, cut(str(e)))
-                context.abort(code, cut(str(e)))
-            self._log.exception("%s failed unexpectedly", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method}: {self._unexpected}")
-
-        def code_of(e: BaseException) -> grpc.StatusCode:
-            if isinstance(e, errors.CoilError):
-                return status_of(e)
-            if isinstance(e, (GeneratorExit, asyncio.CancelledError)):
-                return grpc.StatusCode.CANCELLED  # the client went away, or the server stops
-            return grpc.StatusCode.INTERNAL
-
-        if inspect.isasyncgenfunction(inner):
-
-            async def async_call(request: Any, context: grpc.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    self._refuse_undecodable(method, request, context)
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
-                    async with contextlib.aclosing(inner(request, context)) as messages:
-                        async for message in messages:
-                            yield message
-                except (GeneratorExit, asyncio.CancelledError) as e:
-                    code = code_of(e)
-                    raise
-                except Exception as e:  # noqa: BLE001 - mapped to a status, or logged
-                    code = code_of(e)
-                    failed(e, context)
-                finally:
-                    ended(code, started)
-
-            return grpc.unary_stream_rpc_method_handler(
-                async_call,
-                request_deserializer=_decoder(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
+        async def async_call(request: Any, context: grpc.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                self._refuse_undecodable(method, request, context)
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                async with contextlib.aclosing(inner(request, context)) as messages:
+                    async for message in messages:
+                        yield message
+            except (GeneratorExit, asyncio.CancelledError) as e:
+                code = _code_of(e)
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status, or logged
+                code = _code_of(e)
+                self._abort_for(method, e, context)
+            finally:
+                self._ended(method, code, started)
 
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             if isinstance(request, _Undecodable):
@@ -222,16 +209,16 @@ class ErrorsToStatus(grpc.ServerInterceptor):
             try:
                 yield from inner(request, context)
             except GeneratorExit as e:
-                code = code_of(e)
+                code = _code_of(e)
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to a status, or logged
-                code = code_of(e)
-                failed(e, context)
+                code = _code_of(e)
+                self._abort_for(method, e, context)
             finally:
-                ended(code, started)
+                self._ended(method, code, started)
 
         return grpc.unary_stream_rpc_method_handler(
-            call,
+            async_call if inspect.isasyncgenfunction(inner) else call,
             request_deserializer=_decoder(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
