@@ -197,7 +197,6 @@ class AioServer:
         self, executor: futures.Executor, interceptors: Sequence[grpc.ServerInterceptor] = ()
     ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._loop.set_default_executor(executor)
         self._thread = threading.Thread(target=self._run, name="grpc-aio", daemon=True)
         self._thread.start()
         self._stopped: threading.Event | None = None

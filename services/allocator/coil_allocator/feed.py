@@ -230,8 +230,10 @@ class Follow:
             if not self._feed.hold(self.node, self.lease_id):
                 return NodeChange(self.revision, lease_lost=True)
             with self._lock:
-                self._held = not self._closed
-            if not self._held:
+                # Read under the lock only: a close right after it takes `_held` over (and
+                # releases the lease itself), so the lease is released exactly once.
+                took = self._held = not self._closed
+            if not took:
                 self._feed.release(self.lease_id)
                 return None
         if self.revision <= 0 or self._subscribe(self.revision) is None:
