@@ -4,8 +4,10 @@ revision. Real etcd, real allocator transactions."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -147,3 +149,57 @@ def test_a_compacted_revision_makes_the_view_resync_and_its_followers_start_over
         view.stop()
         store.close()
         server.stop()
+
+
+def test_a_pool_change_reaches_every_reader_on_a_loop_in_one_wake_up_and_in_order(
+    allocator: Allocator, view: ClusterView
+) -> None:
+    """Streams read their subscriptions on the server's event loop: a pool change for ten
+    thousand of them must not wake the loop once per stream (each wake-up is a system call
+    and a hand-over of the interpreter lock). And a read that gives up (its stream went away
+    mid-wait) must not swallow what comes next."""
+    allocator.create_pool("default", ["10.9.0.0/24"], 4)
+    start = allocator.store.status().revision
+    assert view.wait_for(start, 5)
+    loop = asyncio.new_event_loop()
+    wake_ups = 0
+    threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any) -> Any:
+        nonlocal wake_ups
+        wake_ups += 1
+        return threadsafe(callback, *args)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    subs = []
+    try:
+        for i in range(200):
+            got = view.subscribe(f"node-{i}", start, loop)
+            assert got is not None
+            subs.append(got[0])
+
+        async def read_all() -> list[list[str]]:
+            # One reader gives up waiting before anything comes, then reads again.
+            waiting = asyncio.ensure_future(subs[0].get_async())
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            before = wake_ups
+            allocator.create_pool("a", ["10.8.0.0/24"], 4)
+            allocator.create_pool("b", ["10.7.0.0/24"], 4)
+            seen: list[list[str]] = []
+            for sub in subs:
+                names = []
+                for _ in range(2):
+                    item = await asyncio.wait_for(sub.get_async(), 5)
+                    assert isinstance(item, NodeChange), item
+                    names += [p.name for p in item.pools]
+                seen.append(names)
+            assert wake_ups - before == 2, "one wake-up of the loop for each pool change"
+            return seen
+
+        seen = loop.run_until_complete(read_all())
+    finally:
+        for sub in subs:
+            sub.close()
+        loop.close()
+    assert seen == [["a", "b"]] * len(subs)

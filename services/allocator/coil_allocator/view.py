@@ -99,18 +99,16 @@ class Subscription:
         self._view = view
         self._loop = loop
         self._queue: queue.SimpleQueue[NodeChange | Resync | Lost | None] = queue.SimpleQueue()
-        self._async: asyncio.Queue[NodeChange | Resync | Lost | None] | None = (
-            None if loop is None else asyncio.Queue()
-        )
+        self._mailbox = None if loop is None else _Mailbox(loop)
 
     def put(self, item: NodeChange | Resync | Lost | None) -> None:
-        if self._async is None:
+        if self._mailbox is None:
             self._queue.put(item)
             return
         assert self._loop is not None
         # A closed loop (the server stopped) has nobody left to read this.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._mailbox.put, item)
 
     def get(self, timeout: float | None = None) -> NodeChange | Resync | Lost | None:
         """The next change, a `Resync` or `Lost`, or None when closed or nothing came within
@@ -122,12 +120,67 @@ class Subscription:
 
     async def get_async(self) -> NodeChange | Resync | Lost | None:
         """`get` for a subscription made for the running loop (None: closed)."""
-        assert self._async is not None, "not a subscription for an event loop"
-        return await self._async.get()
+        assert self._mailbox is not None, "not a subscription for an event loop"
+        return await self._mailbox.get()
 
     def close(self) -> None:
         self._view._unsubscribe(self)
         self.put(None)
+
+
+class _Mailbox:
+    """A subscription's items for its one reader on an event loop; `put` and `get` run on that
+    loop. Lighter than an asyncio.Queue, which a fan-out to ten thousand streams feels."""
+
+    __slots__ = ("_loop", "_items", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[NodeChange | Resync | Lost | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: NodeChange | Resync | Lost | None) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> NodeChange | Resync | Lost | None:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
+class _Handover:
+    """One change's items for subscriptions, handed to each event loop in one call: a pool
+    change wakes a loop once, not once for each of its ten thousand streams."""
+
+    __slots__ = ("_loops",)
+
+    def __init__(self) -> None:
+        self._loops: dict[asyncio.AbstractEventLoop, list[tuple[_Mailbox, NodeChange | None]]] = {}
+
+    def put(self, sub: Subscription, item: NodeChange | None) -> None:
+        if sub._mailbox is None:
+            sub.put(item)
+            return
+        assert sub._loop is not None
+        batch = self._loops.get(sub._loop)
+        if batch is None:
+            batch = self._loops[sub._loop] = []
+        batch.append((sub._mailbox, item))
+
+    def send(self) -> None:
+        for loop, batch in self._loops.items():
+            # A closed loop (the server stopped) has nobody left to read these.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_hand, batch)
+
+
+def _hand(batch: list[tuple[_Mailbox, NodeChange | None]]) -> None:
+    for mailbox, item in batch:
+        mailbox.put(item)
 
 
 class ClusterView:
@@ -440,11 +493,13 @@ class ClusterView:
                 if everyone
                 else [(n, self._subscribers[n]) for n in change.nodes if n in self._subscribers]
             )
+            handover = _Handover()
             for node, subs in concerned:
                 item = self._for(change, node)
                 for sub in subs:
                     if change.revision > sub.after:
-                        sub.put(item)
+                        handover.put(sub, item)
+            handover.send()
             if everyone or change.nodes:
                 self._log.append(change)
                 while len(self._log) > self._history:
