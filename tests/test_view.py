@@ -170,7 +170,7 @@ def test_a_pool_change_reaches_every_reader_on_a_loop_in_one_wake_up_and_in_orde
         wake_ups += 1
         return threadsafe(callback, *args)
 
-    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
     subs = []
     try:
         for i in range(200):
