@@ -1,6 +1,9 @@
 """A load generator that plays many coilds at once (`python -m bench.loadgen`), for the quiet
-cluster and churn sections: one process, asyncio and grpc.aio, nodes spread over the allocator
-replicas and over many connections (as many coilds would be).
+cluster and churn sections: one process, asyncio, nodes spread over the allocator replicas and
+over many connections (as many coilds would be). Unary calls go through grpc.aio; the WatchNode
+streams are read with a minimal HTTP/2 reader (bench.h2watch), a few microseconds a message
+where grpc.aio's client takes 60-125, so that the simulator takes less of the machine it shares
+with the allocators it measures.
 
 Patterns (per simulated node, with random phases so that calls spread evenly):
 - `poll`: the polling coild: ListPools every 10 s, ReportNode every 30 s, ListNodeBlocks with
@@ -38,10 +41,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from bench import h2watch
 from coil.v1 import allocator_pb2 as apb
 from coil.v1 import allocator_pb2_grpc as apb_grpc
+from coil_cni.rpc import RpcError
 
-NODES_PER_CHANNEL = 100
+NODES_PER_CHANNEL = 100  # nodes (or WatchNode streams) per connection
+WATCH_NODE = "/coil.v1.AllocatorService/WatchNode"
 DEADLINE = 5.0
 
 
@@ -70,6 +76,7 @@ class Node:
     name: str
     stubs: list[apb_grpc.AllocatorServiceStub]
     home: int
+    watchers: list[h2watch.Pool] = field(default_factory=list)  # WatchNode, one per replica
     lease: int = 0
     revision: int = 0
     stream_up: bool = False
@@ -158,23 +165,25 @@ async def watch(
     loop = asyncio.get_running_loop()
     next_resync = loop.time() + random.uniform(0, resync) if resync > 0 else 0.0
     while not stop.is_set():
-        stub = node.stubs[node.home]
-        stream = stub.WatchNode(
-            apb.WatchNodeRequest(node=node.name, revision=node.revision, lease_id=node.lease)
-        )
+        request = apb.WatchNodeRequest(node=node.name, revision=node.revision, lease_id=node.lease)
         if node.revision:
             stats.resumes += 1
         stats.calls["WatchNode"] += 1
         resyncing = False
-
-        def resync_now(call: Any = stream) -> None:
-            nonlocal resyncing
-            resyncing = True
-            call.cancel()
-
-        timer = loop.call_at(next_resync, resync_now) if resync > 0 else None
+        stream: h2watch.Stream | None = None
+        timer = None
         try:
-            async for message in stream:
+            stream = await node.watchers[node.home].open(WATCH_NODE, request.SerializeToString())
+            if resync > 0:
+
+                def resync_now(s: h2watch.Stream = stream) -> None:
+                    nonlocal resyncing
+                    resyncing = True
+                    s.cancel()  # the iteration ends
+
+                timer = loop.call_at(next_resync, resync_now)
+            async for raw in stream:
+                message = apb.WatchNodeResponse.FromString(raw)
                 node.stream_up = True
                 delay = 0.2
                 stats.messages += 1
@@ -195,18 +204,16 @@ async def watch(
                     node.lease = 0
                     await report(node, stats)
                     break
-        except grpc.RpcError as e:
+        except RpcError as e:
             if stop.is_set():
                 return
             if not resyncing:
-                stats.errors[f"WatchNode:{e.code().name}"] += 1
-        except asyncio.CancelledError:
-            if not resyncing:
-                stream.cancel()
-                raise
+                stats.errors[f"WatchNode:{e.status}"] += 1
         finally:
             if timer is not None:
                 timer.cancel()
+            if stream is not None:
+                stream.cancel()  # when it has not ended: this task cancelled, or lease_lost
         if resyncing:
             # The safety net: at once, from a snapshot, on the same replica.
             stats.resyncs += 1
@@ -324,11 +331,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ]
         )
     stubs = [[apb_grpc.AllocatorServiceStub(c) for c in chs] for chs in channels]
+    # The streams' connections: NODES_PER_CHANNEL streams on each, as the channels have nodes.
+    watchers = [h2watch.Pool(target, NODES_PER_CHANNEL) for target in targets]
     nodes = []
     for i in range(args.nodes):
         home = i % len(targets)
         per = [stubs[r][(i // len(targets)) % len(stubs[r])] for r in range(len(targets))]
-        nodes.append(Node(f"{args.node_prefix}{i:05d}", per, home))
+        nodes.append(Node(f"{args.node_prefix}{i:05d}", per, home, watchers))
     stats = Stats()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
@@ -438,6 +447,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for chs in channels:
         for c in chs:
             await c.close()
+    for pool in watchers:
+        pool.close()
     out: dict[str, Any] = {
         "mode": args.mode,
         "nodes": args.nodes,

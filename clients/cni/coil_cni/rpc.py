@@ -146,8 +146,14 @@ def _literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + _hpack_int(len(name), 7, 0) + name + _hpack_int(len(value), 7, 0) + value
 
 
-def request_headers(path: str, timeout_ms: int) -> bytes:
-    """The HPACK block of a gRPC request: POST ``path`` with a ``grpc-timeout``."""
+def request_headers(path: str, timeout_ms: int | None, user_agent: bytes = b"coil-cni") -> bytes:
+    """The HPACK block of a gRPC request: POST ``path`` with a ``grpc-timeout`` (none when
+    ``timeout_ms`` is None: a call without a deadline, such as a long-lived stream)."""
+    timeout = (
+        b""
+        if timeout_ms is None
+        else _literal(b"grpc-timeout", f"{min(timeout_ms, 99_999_999)}m".encode())
+    )
     return (
         b"\x83"  # :method POST (static index 3)
         + b"\x86"  # :scheme http (static index 6)
@@ -155,8 +161,8 @@ def request_headers(path: str, timeout_ms: int) -> bytes:
         + _literal(b":authority", b"localhost")
         + _literal(b"content-type", b"application/grpc")
         + _literal(b"te", b"trailers")
-        + _literal(b"grpc-timeout", f"{min(timeout_ms, 99_999_999)}m".encode())
-        + _literal(b"user-agent", b"coil-cni")
+        + timeout
+        + _literal(b"user-agent", user_agent)
     )
 
 
@@ -387,11 +393,12 @@ def _connect(path: str, deadline: float) -> _socket.socket:
             raise RpcError("UNAVAILABLE", f"cannot connect to {path}: {e}") from None
 
 
-def _status(conn: _Connection) -> tuple[str, str]:
-    """(status name, message) from the answer's headers and trailers: grpc-status if present,
-    else what the HTTP status means (as grpcio decides)."""
+def status_of(headers: list[list[tuple[bytes, bytes]]], peer: str = "coild") -> tuple[str, str]:
+    """(status name, message) from an answer's header blocks (headers and trailers, in order):
+    grpc-status if present, else what the HTTP status means (as grpcio decides). ``peer`` names
+    the server in the messages this makes up."""
     fields: dict[bytes, bytes] = {}
-    for block in conn.headers:
+    for block in headers:
         fields.update(block)
     raw = fields.get(b"grpc-status")
     if raw is not None:
@@ -401,8 +408,8 @@ def _status(conn: _Connection) -> tuple[str, str]:
     http_status = fields.get(b":status", b"")
     if http_status != b"200":
         code = int(http_status) if http_status.isdigit() else 0
-        return HTTP_STATUS_NAMES.get(code, "UNKNOWN"), f"coild answered HTTP status {code}"
-    return "UNKNOWN", "coild's answer has no grpc-status"
+        return HTTP_STATUS_NAMES.get(code, "UNKNOWN"), f"{peer} answered HTTP status {code}"
+    return "UNKNOWN", f"{peer}'s answer has no grpc-status"
 
 
 def call(socket_path: str, method: str, request: bytes, timeout: float) -> bytes:
@@ -435,7 +442,7 @@ def call(socket_path: str, method: str, request: bytes, timeout: float) -> bytes
         conn.send_data(b"\x00" + len(request).to_bytes(4, "big") + request)
         while not conn.closed:
             conn.read_frame()
-        status, message = _status(conn)
+        status, message = status_of(conn.headers)
         if status != "OK":
             raise RpcError(status, message, transport=False)
         data = bytes(conn.data)
