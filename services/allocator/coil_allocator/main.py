@@ -179,6 +179,10 @@ def _read_password(path: str) -> str:
     return password
 
 
+GC_THRESHOLDS = (50_000, 20, 10)
+"""The cyclic collector's thresholds (the interpreter's defaults: 700, 10, 10); see `main`."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -324,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     # Everything built so far lives as long as the process: keep it out of the cyclic collector's
     # scans, which otherwise revisit it under load.
     gc.freeze()
+    # What comes later (a coroutine chain per stream, the view's history) is long-lived too, and
+    # with the default thresholds the full collections it triggers grow with it: at 10,000 streams
+    # on a replica, 13 to 14 of them while the nodes started, up to 1.5 s each with the event loop
+    # stopped. Collecting the young less often lets short-lived objects die before they are
+    # promoted: one full collection in the same run, 0.28 s.
+    gc.set_threshold(*GC_THRESHOLDS)
     # Wake now and then: a signal delivered to another thread (etcd streams, the view, the
     # keep-alive stream) runs its handler only when the main thread runs Python code.
     while not stop.wait(1.0):
