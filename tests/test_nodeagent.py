@@ -1057,3 +1057,27 @@ def test_reconcile_catches_up_with_changes_made_elsewhere(
     agent.reconcile()
     agent.sync_routes()
     assert routes_of(agent) == set() == held_blocks(allocator)
+
+
+def test_a_restarted_agent_never_hands_out_a_subnets_reserved_addresses(
+    allocator: Allocator, make_agent: AgentFactory
+) -> None:
+    """After a restart the blocks come back from the allocator (the stream's first snapshot, or
+    a listing); the subnet's network address, gateway and broadcast address must stay out of
+    pods' reach as they did before, or the allocator refuses the record and the ADD fails."""
+    allocator.create_pool("default", ["10.72.0.0/29"], 3)  # one block: the whole subnet
+    subnet = ipaddress.ip_network("10.72.0.0/29")
+    reserved = {subnet.network_address, subnet.network_address + 1, subnet.broadcast_address}
+    old = make_agent()
+    first = old.allocate(request("p0"))
+    old.stop()
+
+    new = make_agent()
+    got = [a.address for a in first]
+    for i in range(1, 8):
+        try:
+            got += [a.address for a in new.allocate(request(f"p{i}"))]
+        except Exhausted:
+            break
+    assert not reserved & set(got), f"handed out reserved addresses: {sorted(reserved & set(got))}"
+    assert sorted(got) == sorted(set(subnet) - reserved)

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -619,8 +619,11 @@ class NodeAgent:
             state = NodeState()
             now = self._clock()
             by_block = _records_by_block(records)
+            # The pools that came with the blocks: the cached list is still empty at start, and a
+            # block loaded without its pool would hand out the subnet's reserved addresses.
+            by_name = {p.name: p for p in pools}
             for b in blocks:
-                self._load_block(state, b, by_block[(b.pool, b.cidr)], now)
+                self._load_block(state, b, by_block[(b.pool, b.cidr)], now, by_name)
             for r in records:
                 key = (r.owner.container_id, r.owner.interface)
                 attachment = state.attachments.get(key)
@@ -634,7 +637,7 @@ class NodeAgent:
             with self._lock:
                 self.state = state
                 self._before = (list(state.blocks), list(state.committed()))
-            self._pools = {p.name: p for p in pools}
+            self._pools = by_name
             self._pools_at = now
             self._rebuilt.set()
         self.allocator_ok = True
@@ -648,14 +651,21 @@ class NodeAgent:
         return True
 
     def _load_block(
-        self, state: NodeState, held: HeldBlock, records: Sequence[AllocationRecord], now: float
+        self,
+        state: NodeState,
+        held: HeldBlock,
+        records: Sequence[AllocationRecord],
+        now: float,
+        pools: Mapping[str, Pool] | None = None,
     ) -> NodeBlock:
-        """Hold a block listed by the allocator in `state`, with its recorded addresses used.
+        """Hold a block listed by the allocator in `state`, with its recorded addresses used and
+        its pool's reserved addresses kept from pods (`pools`: the pools to find it in, by name;
+        default the cached list).
 
         `records` are the block's records, oldest first: the round robin continues after the
         newest. A recorded address stays used even if it is one a pod should not have got.
         """
-        pool = self._pools.get(held.pool)
+        pool = (self._pools if pools is None else pools).get(held.pool)
         used = [r.address for r in records]
         return state.add_block(
             held.pool,
